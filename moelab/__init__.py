@@ -1,0 +1,51 @@
+"""moelab: build, train, compare, inspect and run Dense, MoE and Hybrid-MoE language models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from moelab.config import Config, ConfigError, ModelConfig, MoEConfig, MLAConfig, TrainConfig
+from moelab.model.moe import MoE, MoEOutput, RouterStats
+from moelab.model.transformer import ModelOutput, Transformer
+
+__version__ = "0.1.0"
+
+
+def resolve_config(spec: Union[str, Path, Config, ModelConfig], overrides: list[str] | None = None) -> Config:
+    """A validated Config from a preset name, a TOML path, a Config or a ModelConfig."""
+    from moelab.config import load_toml
+    from moelab.presets import load_preset, preset_names
+
+    if isinstance(spec, Config):
+        cfg = spec
+    elif isinstance(spec, ModelConfig):
+        cfg = Config(model=spec)
+    elif isinstance(spec, (str, Path)) and str(spec).endswith(".toml"):
+        cfg = load_toml(spec)
+    elif isinstance(spec, str):
+        cfg = load_preset(spec)
+    else:
+        raise ConfigError(f"cannot build a model from {spec!r}: give a preset name "
+                          f"({', '.join(preset_names())}), a .toml path or a config")
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    return cfg.validate()
+
+
+def build(spec: Union[str, Path, Config, ModelConfig], overrides: list[str] | None = None) -> Transformer:
+    """Build a model from a preset name (``"mixtral"``), a TOML path or a config object."""
+    return Transformer(resolve_config(spec, overrides).model)
+
+
+def load(run_dir: Union[str, Path], device: str = "cpu") -> Transformer:
+    """Load the model of a run folder (trained or imported) in eval mode."""
+    from moelab.train.checkpoint import load_model
+    return load_model(run_dir, device=device)
+
+
+__all__ = [
+    "Config", "ConfigError", "ModelConfig", "MoEConfig", "MLAConfig", "TrainConfig",
+    "MoE", "MoEOutput", "RouterStats", "ModelOutput", "Transformer",
+    "build", "load", "resolve_config",
+]

@@ -1,0 +1,172 @@
+"""Analytic parameter, FLOP and memory accounting from a config alone (no model is built).
+
+Total parameters count every weight; active parameters count what one token uses: all routed
+experts but its top-k are left out. Forward FLOPs per token follow Kaplan et al. (2020): 2 per
+multiply-accumulate of every active matmul weight (embedding lookups cost nothing), plus attention
+scores and the weighted sum of values at a given sequence length, averaged over causal positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moelab.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    layer: int
+    ffn: str            # "dense" or "moe"
+    experts: int
+    total: int
+    active: int
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    D, H = cfg.d_model, cfg.n_heads
+    if cfg.attention == "mla":
+        a = cfg.mla
+        q_dim = H * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        q = D * q_dim if a.q_lora_rank is None else D * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * q_dim
+        kv = D * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank \
+            + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
+        return q + kv + H * a.v_head_dim * D
+    G, Dh = cfg.kv_heads, cfg.attn_head_dim
+    qkv = D * (H + 2 * G) * Dh + ((H + 2 * G) * Dh if cfg.attn_bias else 0)
+    norms = {"none": 0, "head": 2 * Dh, "full": (H + G) * Dh}[cfg.qk_norm]
+    return qkv + H * Dh * D + norms
+
+
+def _ffn_params(cfg: ModelConfig, layer: int) -> tuple[int, int]:
+    """(total, active) parameters of one layer's FFN."""
+    D = cfg.d_model
+    E = cfg.experts_in_layer(layer)
+    if E == 0:
+        n = 3 * D * cfg.ffn_hidden
+        return n, n
+    m = cfg.moe
+    router = E * D * (2 if m.router == "noisy" else 1)
+    expert = 3 * D * m.expert_hidden
+    shared = 0
+    if m.num_shared_experts:
+        shared = 3 * D * m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden)
+        shared += D if m.shared_expert_gate else 0
+    active_router = E * D   # the noise weight is only used in training
+    return router + E * expert + shared, active_router + m.top_k * expert + shared
+
+
+def layer_counts(cfg: ModelConfig) -> list[LayerCount]:
+    attn = _attention_params(cfg) + 2 * cfg.d_model     # + the block's two norms
+    out = []
+    for i in range(cfg.n_layers):
+        total, active = _ffn_params(cfg, i)
+        E = cfg.experts_in_layer(i)
+        out.append(LayerCount(i, "moe" if E else "dense", E, attn + total, attn + active))
+    return out
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """{"total", "active", "embedding"}; equals summing the built model's parameters."""
+    embedding = cfg.vocab_size * cfg.d_model
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    layers = layer_counts(cfg)
+    outside = embedding + head + cfg.d_model           # + final norm
+    return {
+        "total": outside + sum(c.total for c in layers),
+        "active": outside + sum(c.active for c in layers),
+        "embedding": embedding,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
+    """Forward FLOPs per token at ``seq_len`` (default: max_seq_len): matmuls + attention."""
+    T = seq_len or cfg.max_seq_len
+    D, V = cfg.d_model, cfg.vocab_size
+    matmul = 0
+    for i, c in enumerate(layer_counts(cfg)):
+        norms = 2 * D + _norm_params_in_attention(cfg)
+        matmul += c.active - norms
+    matmul += V * D                                    # LM head (tied or not)
+    if cfg.attention == "mla":
+        d_qk = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim
+        d_v = cfg.mla.v_head_dim
+    else:
+        d_qk = d_v = cfg.attn_head_dim
+    mean_keys = (T + 1) / 2                            # causal: position t sees t + 1 keys
+    attention = int(2 * cfg.n_layers * cfg.n_heads * (d_qk + d_v) * mean_keys)
+    return {"matmul": 2 * matmul, "attention": attention, "total": 2 * matmul + attention}
+
+
+def _norm_params_in_attention(cfg: ModelConfig) -> int:
+    if cfg.attention == "mla":
+        a = cfg.mla
+        return a.kv_lora_rank + (a.q_lora_rank or 0)
+    Dh, H, G = cfg.attn_head_dim, cfg.n_heads, cfg.kv_heads
+    bias = (H + 2 * G) * Dh if cfg.attn_bias else 0
+    return bias + {"none": 0, "head": 2 * Dh, "full": (H + G) * Dh}[cfg.qk_norm]
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, bytes_per_elem: int = 4) -> int:
+    """Estimate of what autograd keeps for backward in one training step.
+
+    Per token and layer: the block input and two norm outputs (3D); q, k, v, attention output and
+    its projection input; for a dense FFN the fused gate/up output and the gated product (3F);
+    for an MoE the dispatched rows and their expert intermediates (K * (D + 3H)) plus router
+    logits/probs; then logits and their softmax for the loss (2V). An estimate, not a bound:
+    kernels may keep less (fused attention) or more (temporaries).
+    """
+    D, V = cfg.d_model, cfg.vocab_size
+    if cfg.attention == "mla":
+        a = cfg.mla
+        H = cfg.n_heads
+        attn = (H * (a.qk_nope_head_dim + a.qk_rope_head_dim) * 2 + a.kv_lora_rank * 2
+                + H * (a.qk_nope_head_dim + a.v_head_dim) + 2 * H * a.v_head_dim)
+    else:
+        H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
+        attn = (H + 2 * G) * Dh + 2 * H * Dh
+    per_token = 0
+    for i in range(cfg.n_layers):
+        E = cfg.experts_in_layer(i)
+        if E:
+            m = cfg.moe
+            ffn = m.top_k * (D + 3 * m.expert_hidden) + 3 * E
+            if m.num_shared_experts:
+                ffn += 3 * m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden)
+        else:
+            ffn = 3 * cfg.ffn_hidden
+        per_token += 3 * D + attn + ffn
+    per_token += 2 * V + D
+    return per_token * batch * seq_len * bytes_per_elem
+
+
+def memory_estimate(cfg: ModelConfig, batch: int = 8, seq_len: int | None = None,
+                    weight_bytes: int = 4) -> dict[str, int]:
+    """Bytes for weights, gradients, AdamW states (two fp32 moments) and activations."""
+    T = seq_len or cfg.max_seq_len
+    P = param_counts(cfg)["total"]
+    out = {
+        "weights": P * weight_bytes,
+        "gradients": P * weight_bytes,
+        "adamw_states": P * 8,
+        "activations": activation_bytes(cfg, batch, T, weight_bytes),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def describe(cfg: ModelConfig, batch: int = 8, seq_len: int | None = None) -> dict:
+    """Everything ``moelab info`` prints, as one JSON-ready dict."""
+    from moelab.model.attention import cache_bytes_per_token
+    counts = param_counts(cfg)
+    flops = flops_per_token(cfg, seq_len)
+    return {
+        "total_params": counts["total"],
+        "active_params": counts["active"],
+        "embedding_params": counts["embedding"],
+        "flops_per_token": flops["total"],
+        "flops": flops,
+        "memory_bytes": memory_estimate(cfg, batch, seq_len),
+        "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, 2),
+        "attention": cfg.attention,
+        "layers": [asdict(c) for c in layer_counts(cfg)],
+    }

@@ -1,0 +1,494 @@
+"""Typed, frozen configuration for models and training, validated in one place.
+
+Everything that makes a model Dense, MoE or Hybrid is a field here. A config is built from
+defaults, a preset or a TOML file, then dotted overrides (``model.moe.top_k=1``) are applied; the
+result goes through :meth:`Config.validate`, which names the bad field, its value and the allowed
+range. Unknown keys are errors that suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the field."""
+
+
+RouterKind = Literal["softmax", "noisy", "sigmoid"]
+GroupScore = Literal["max", "top2"]
+AttentionKind = Literal["gqa", "mla"]
+QKNorm = Literal["none", "head", "full"]
+DropPolicy = Literal["position", "score"]
+
+ROUTER_KINDS = typing.get_args(RouterKind)
+ATTENTION_KINDS = typing.get_args(AttentionKind)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """The mixture-of-experts FFN and where it sits in the stack.
+
+    Layer pattern: ``layers="all"`` (every layer), ``"none"`` (a dense model), or an explicit list
+    of layer indices. With ``"all"``, ``first_dense`` leading layers stay dense and then every
+    ``every``-th layer is MoE (layer ``i`` is MoE when ``i >= first_dense`` and
+    ``(i - first_dense + 1) % every == 0``), which covers GLaM/Switch interleaving and
+    DeepSeek's ``first_k_dense_replace``.
+    """
+
+    layers: Union[str, tuple[int, ...]] = "all"
+    every: int = 1
+    first_dense: int = 0
+    num_experts: int = 8
+    # One count per MoE layer, in layer order (DeepSpeed PR-MoE pyramid); None = num_experts each.
+    num_experts_per_layer: Optional[tuple[int, ...]] = None
+    top_k: int = 2
+    expert_hidden: int = 512
+    router: RouterKind = "softmax"
+    renormalize: bool = True          # renormalise the top-k weights to sum to one
+    routed_scaling: float = 1.0       # DeepSeek routed_scaling_factor, applied to routed weights
+    n_groups: int = 1                 # group-limited routing (DeepSeek-V2/V3); 1 = off
+    topk_groups: int = 1
+    group_score: GroupScore = "max"   # V2 scores a group by its best expert, V3 by its top-2 sum
+    bias_update_rate: float = 0.0     # DeepSeek-V3 aux-loss-free balancing speed (gamma); 0 = off
+    capacity_factor: Optional[float] = None       # None = dropless (training)
+    eval_capacity_factor: Optional[float] = None  # None = dropless in eval / generation
+    drop_policy: DropPolicy = "position"
+    aux_loss_coef: float = 0.01       # Switch load-balancing loss
+    seq_aux_loss_coef: float = 0.0    # DeepSeek-V3 sequence-wise balance loss
+    z_loss_coef: float = 0.0          # ST-MoE router z-loss
+    num_shared_experts: int = 0
+    shared_expert_hidden: Optional[int] = None  # per shared expert; None = expert_hidden
+    shared_expert_gate: bool = False  # Qwen2-MoE sigmoid gate on the shared expert
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLAConfig:
+    """Multi-head Latent Attention sizes (DeepSeek-V2): compressed KV, optional low-rank Q."""
+
+    kv_lora_rank: int = 64
+    q_lora_rank: Optional[int] = None
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None   # None = n_heads (MHA); 1 = MQA
+    head_dim: Optional[int] = None     # None = d_model // n_heads
+    ffn_hidden: int = 704              # dense SwiGLU width
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention: AttentionKind = "gqa"
+    attn_bias: bool = False            # bias on q/k/v projections (Qwen2)
+    qk_norm: QKNorm = "none"           # RMSNorm on q and k: per head (Qwen3) or whole (OLMoE)
+    init_std: float = 0.02
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    # ---- derived, used by the model and accounting ----
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def moe_layer_indices(self) -> list[int]:
+        moe = self.moe
+        if moe.layers == "none":
+            return []
+        if isinstance(moe.layers, tuple):
+            return sorted(moe.layers)
+        return [
+            i for i in range(self.n_layers)
+            if i >= moe.first_dense and (i - moe.first_dense + 1) % moe.every == 0
+        ]
+
+    def experts_in_layer(self, layer: int) -> int:
+        """Number of routed experts in ``layer`` (0 for a dense layer)."""
+        moe_layers = self.moe_layer_indices()
+        if layer not in moe_layers:
+            return 0
+        if self.moe.num_experts_per_layer is not None:
+            return self.moe.num_experts_per_layer[moe_layers.index(layer)]
+        return self.moe.num_experts
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_steps: int = 200
+    max_tokens: Optional[int] = None   # stop after this many training tokens
+    max_minutes: Optional[float] = None  # stop after this much wall-clock time
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    skip_nonfinite: bool = False
+    device: str = "auto"               # auto | cpu | cuda
+    compile: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    corpus: str = "stdlib"             # "stdlib" or a file, folder, glob, .jsonl or .parquet
+    text_field: str = "text"           # field / column for .jsonl and .parquet
+    tokenizer: Optional[str] = None    # path to a tokenizer.json; None = train BPE on the corpus
+    val_fraction: float = 0.05
+    max_bytes: Optional[int] = None    # use only the first N bytes of the corpus (quick runs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "Config":
+        """Check every field; raise ConfigError naming the first bad one. Returns self."""
+        _validate_model(self.model)
+        _validate_train(self.train)
+        _validate_data(self.data)
+        return self
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        return apply_overrides(self, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{path} = {value!r} is invalid: {allowed}")
+
+
+def _positive(path: str, value: float) -> None:
+    if not value > 0:
+        _fail(path, value, "must be > 0")
+
+
+def _at_least(path: str, value: float, low: float) -> None:
+    if not value >= low:
+        _fail(path, value, f"must be >= {low}")
+
+
+def _one_of(path: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        _fail(path, value, f"must be one of {', '.join(map(str, options))}")
+
+
+def _validate_model(m: ModelConfig, p: str = "model") -> None:
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+        _positive(f"{p}.{name}", getattr(m, name))
+    _positive(f"{p}.rope_theta", m.rope_theta)
+    _positive(f"{p}.norm_eps", m.norm_eps)
+    _positive(f"{p}.init_std", m.init_std)
+    _one_of(f"{p}.attention", m.attention, ATTENTION_KINDS)
+    _one_of(f"{p}.qk_norm", m.qk_norm, typing.get_args(QKNorm))
+    if m.head_dim is None:
+        if m.d_model % m.n_heads:
+            _fail(f"{p}.n_heads", m.n_heads, f"must divide d_model ({m.d_model})")
+    else:
+        _positive(f"{p}.head_dim", m.head_dim)
+    if m.attention == "gqa" and m.attn_head_dim % 2:
+        _fail(f"{p}.head_dim", m.attn_head_dim, "must be even for RoPE")
+    if m.n_kv_heads is not None:
+        _positive(f"{p}.n_kv_heads", m.n_kv_heads)
+        if m.n_heads % m.n_kv_heads:
+            _fail(f"{p}.n_kv_heads", m.n_kv_heads, f"must divide n_heads ({m.n_heads})")
+    if m.attention == "mla":
+        _validate_mla(m.mla, f"{p}.mla")
+    _validate_moe(m, f"{p}.moe")
+
+
+def _validate_mla(a: MLAConfig, p: str) -> None:
+    _positive(f"{p}.kv_lora_rank", a.kv_lora_rank)
+    if a.q_lora_rank is not None:
+        _positive(f"{p}.q_lora_rank", a.q_lora_rank)
+    _positive(f"{p}.qk_nope_head_dim", a.qk_nope_head_dim)
+    _positive(f"{p}.qk_rope_head_dim", a.qk_rope_head_dim)
+    if a.qk_rope_head_dim % 2:
+        _fail(f"{p}.qk_rope_head_dim", a.qk_rope_head_dim, "must be even for RoPE")
+    _positive(f"{p}.v_head_dim", a.v_head_dim)
+
+
+def _validate_moe(m: ModelConfig, p: str) -> None:
+    moe = m.moe
+    if isinstance(moe.layers, str):
+        _one_of(f"{p}.layers", moe.layers, ("all", "none"))
+    else:
+        for i in moe.layers:
+            if not 0 <= i < m.n_layers:
+                _fail(f"{p}.layers", list(moe.layers),
+                      f"layer index {i} is outside the model: must be in [0, {m.n_layers - 1}]")
+        if len(set(moe.layers)) != len(moe.layers):
+            _fail(f"{p}.layers", list(moe.layers), "must not repeat a layer index")
+    _positive(f"{p}.every", moe.every)
+    if not 0 <= moe.first_dense <= m.n_layers:
+        _fail(f"{p}.first_dense", moe.first_dense, f"must be in [0, n_layers={m.n_layers}]")
+    _positive(f"{p}.num_experts", moe.num_experts)
+    _positive(f"{p}.expert_hidden", moe.expert_hidden)
+    _one_of(f"{p}.router", moe.router, ROUTER_KINDS)
+    _one_of(f"{p}.group_score", moe.group_score, typing.get_args(GroupScore))
+    _one_of(f"{p}.drop_policy", moe.drop_policy, typing.get_args(DropPolicy))
+    if moe.top_k < 1:
+        _fail(f"{p}.top_k", moe.top_k, "must be >= 1")
+    n_moe = len(m.moe_layer_indices())
+    counts = [moe.num_experts] if moe.num_experts_per_layer is None else list(moe.num_experts_per_layer)
+    if moe.num_experts_per_layer is not None and len(counts) != n_moe:
+        _fail(f"{p}.num_experts_per_layer", counts,
+              f"needs one count per MoE layer ({n_moe} MoE layers)")
+    for e in counts:
+        field_name = "num_experts" if moe.num_experts_per_layer is None else "num_experts_per_layer"
+        if e < 1:
+            _fail(f"{p}.{field_name}", e, "must be >= 1")
+        if moe.top_k > e:
+            _fail(f"{p}.top_k", moe.top_k, f"must be between 1 and num_experts ({e})")
+        if e % moe.n_groups:
+            _fail(f"{p}.n_groups", moe.n_groups, f"must divide num_experts ({e})")
+        if moe.top_k > moe.topk_groups * (e // moe.n_groups):
+            _fail(f"{p}.top_k", moe.top_k,
+                  f"must be <= topk_groups * experts per group ({moe.topk_groups * (e // moe.n_groups)})")
+    _positive(f"{p}.n_groups", moe.n_groups)
+    if not 1 <= moe.topk_groups <= moe.n_groups:
+        _fail(f"{p}.topk_groups", moe.topk_groups, f"must be between 1 and n_groups ({moe.n_groups})")
+    if moe.group_score == "top2" and moe.n_groups > 1 and min(counts) // moe.n_groups < 2:
+        _fail(f"{p}.group_score", moe.group_score, "needs at least 2 experts per group")
+    _positive(f"{p}.routed_scaling", moe.routed_scaling)
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(moe, name)
+        if value is not None and not value > 0:
+            _fail(f"{p}.{name}", value, "must be > 0 (or none for dropless)")
+    for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate",
+                 "num_shared_experts"):
+        _at_least(f"{p}.{name}", getattr(moe, name), 0)
+    if moe.shared_expert_hidden is not None:
+        _positive(f"{p}.shared_expert_hidden", moe.shared_expert_hidden)
+
+
+def _validate_train(t: TrainConfig, p: str = "train") -> None:
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                 "save_every", "keep_checkpoints", "log_every"):
+        _positive(f"{p}.{name}", getattr(t, name))
+    _positive(f"{p}.lr", t.lr)
+    if not 0 <= t.min_lr_ratio <= 1:
+        _fail(f"{p}.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _at_least(f"{p}.warmup_steps", t.warmup_steps, 0)
+    _at_least(f"{p}.weight_decay", t.weight_decay, 0)
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            _fail(f"{p}.{name}", getattr(t, name), "must be in [0, 1)")
+    _at_least(f"{p}.grad_clip", t.grad_clip, 0)
+    if t.max_tokens is not None:
+        _positive(f"{p}.max_tokens", t.max_tokens)
+    if t.max_minutes is not None:
+        _positive(f"{p}.max_minutes", t.max_minutes)
+    _one_of(f"{p}.device", t.device, ("auto", "cpu", "cuda"))
+
+
+def _validate_data(d: DataConfig, p: str = "data") -> None:
+    if not 0 < d.val_fraction < 1:
+        _fail(f"{p}.val_fraction", d.val_fraction, "must be in (0, 1)")
+    if d.max_bytes is not None:
+        _positive(f"{p}.max_bytes", d.max_bytes)
+    if not d.corpus:
+        _fail(f"{p}.corpus", d.corpus, "must name 'stdlib' or a path")
+
+
+# --------------------------------------------------------------------------------------------
+# dict / TOML / overrides
+# --------------------------------------------------------------------------------------------
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def valid_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. ``model.moe.top_k``."""
+    cls = cls or Config
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(t):
+            keys += valid_keys(t, path + ".")
+        else:
+            keys.append(path)
+    return keys
+
+
+def _unknown_key(path: str) -> ConfigError:
+    close = difflib.get_close_matches(path, valid_keys(), n=1, cutoff=0.5)
+    if not close:  # try matching the last component alone
+        leaf = path.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid_keys()}
+        hit = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[hit[0]]] if hit else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{path}'{hint}")
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check ``value`` against a type hint, converting where TOML/JSON lose the type."""
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path} = {value!r} has the wrong type: expected {_type_name(hint)}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            _fail(path, value, f"must be one of {', '.join(map(str, typing.get_args(hint)))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} = {value!r} has the wrong type: expected a list")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return from_dict(hint, value, path)
+    raise ConfigError(f"{path} = {value!r} has the wrong type: expected {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin is tuple:
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain dict, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else key
+        if key not in names:
+            raise _unknown_key(full)
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's right-hand side as a TOML value; bare words stay strings."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Apply ``a.b.c=value`` overrides; returns a new (unvalidated) Config."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    data = to_dict(cfg)
+    keys = set(valid_keys())
+    for key, value in items:
+        if key not in keys:
+            raise _unknown_key(key)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = _parse_value(value) if isinstance(value, str) else value
+    return from_dict(Config, data)
+
+
+def _split(override: str) -> tuple[str, str]:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key=value, e.g. model.moe.top_k=1")
+    key, value = override.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def load_toml(path: str | Path) -> Config:
+    """Read a config TOML: ``[model]``, ``[model.moe]``, ``[train]`` and ``[data]`` tables."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    return from_dict(Config, data)
+
+
+def load_json(path: str | Path) -> Config:
+    return from_dict(Config, json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def model_config(**overrides: Any) -> ModelConfig:
+    """Convenience: a validated ModelConfig from keyword overrides (``moe={...}`` nests)."""
+    cfg = from_dict(Config, {"model": overrides})
+    cfg.validate()
+    return cfg.model

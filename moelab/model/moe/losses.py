@@ -1,0 +1,53 @@
+"""Load-balancing and stability losses for routers, as pure functions.
+
+Legend: N tokens, E experts, K experts per token, B sequences, T tokens per sequence.
+Each returns an unweighted scalar; the MoE layer multiplies by its coefficients and hands the sum
+to the caller, who adds it to the task loss. Nothing is accumulated globally.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expert_counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, (E,) float."""
+    return torch.bincount(ids_NK.flatten(), minlength=num_experts).float()
+
+
+def switch_balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
+
+    E * sum_i f_i * P_i, where f_i is the fraction of the N*K assignments sent to expert i and P_i
+    the mean router probability of expert i. It equals 1 when routing is uniform; only P carries
+    gradient (f comes from a discrete top-k).
+    """
+    f_E = expert_counts(ids_NK, num_experts) / ids_NK.numel()       # (E,)
+    p_E = probs_NE.float().mean(dim=0)                               # (E,)
+    return num_experts * (f_E * p_E).sum()
+
+
+def sequence_balance_loss(probs_BTE: torch.Tensor, ids_BTK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """DeepSeek-V3 complementary sequence-wise balance loss (DeepSeek-V3 report, eqs. 17-20).
+
+    Per sequence: f_i = E / (K T) * (tokens of the sequence choosing i), P_i = mean over its tokens
+    of the normalised scores; loss = mean over sequences of sum_i f_i P_i (1 when uniform).
+    """
+    B, T, K = ids_BTK.shape
+    counts_BE = torch.zeros(B, num_experts, device=ids_BTK.device, dtype=torch.float32)
+    counts_BE.scatter_add_(1, ids_BTK.reshape(B, T * K), torch.ones(B, T * K, device=ids_BTK.device))
+    f_BE = counts_BE * num_experts / (K * T)
+    p_BE = probs_BTE.float().mean(dim=1)
+    return (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean squared log-partition of the logits,
+    which keeps router logits small and the softmax numerically tame."""
+    return torch.logsumexp(logits_NE.float(), dim=-1).square().mean()
+
+
+def router_entropy(probs_NE: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy (nats) of the routing distribution; log(E) is uniform."""
+    p = probs_NE.float().clamp_min(1e-12)
+    return -(p * p.log()).sum(dim=-1).mean()

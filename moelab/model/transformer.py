@@ -1,0 +1,158 @@
+"""The decoder-only transformer shared by Dense, MoE and Hybrid models.
+
+Legend: B batch, T tokens in this call, S cached positions, D width, V vocabulary.
+
+Each block is ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the only thing that makes a model
+Dense, MoE or Hybrid is which FFN each layer gets (see ``ModelConfig.moe_layer_indices``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.config import ModelConfig
+from moelab.model.attention import AttentionContext, RMSNorm, build_attention, rope_tables
+from moelab.model.ffn import SwiGLU
+from moelab.model.moe import MoE, RouterStats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                     # (B, T, V)
+    aux_loss: torch.Tensor                   # scalar: the MoE layers' weighted aux losses, summed
+    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, in order
+
+
+class Cache:
+    """Per-layer static caches plus where the next tokens go.
+
+    Prompts of different lengths share one cache by left padding: row b's first ``pad_B[b]``
+    slots are padding, which no query attends to, and its RoPE positions start after them.
+    """
+
+    def __init__(self, model: "Transformer", batch: int, max_len: int,
+                 pad_B: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None):
+        if max_len > model.config.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model context "
+                             f"(max_seq_len={model.config.max_seq_len})")
+        param = next(model.parameters())
+        dtype = dtype or param.dtype
+        self.layers = [blk.attn.new_cache(batch, max_len, dtype, param.device) for blk in model.blocks]
+        self.max_len, self.pos = max_len, 0
+        self.pad_B = pad_B.to(param.device) if pad_B is not None else \
+            torch.zeros(batch, dtype=torch.long, device=param.device)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        n_experts = cfg.experts_in_layer(layer)
+        self.is_moe = n_experts > 0
+        if self.is_moe:
+            self.ffn = MoE(cfg.d_model, n_experts, config=cfg.moe)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None):
+        x = x + self.attn(self.attn_norm(x), ctx, cache)
+        if not self.is_moe:
+            return x + self.ffn(self.ffn_norm(x)), None
+        moe = self.ffn(self.ffn_norm(x))
+        moe.stats.layer = self.layer
+        return x + moe.output, moe
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.attn_head_dim
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)   # (L, Dr)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, std) everywhere, residual output projections scaled by
+        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith((".out", ".down"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                module.reset_parameters(std, out_std)
+
+    def moe_layers(self) -> list[MoE]:
+        return [blk.ffn for blk in self.blocks if blk.is_moe]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Apply DeepSeek-V3 aux-loss-free bias updates; call once per optimiser step."""
+        for moe in self.moe_layers():
+            moe.router.update_bias()
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None,
+                  pad_B: Optional[torch.Tensor] = None) -> Cache:
+        return Cache(self, batch, max_len or self.config.max_seq_len, pad_B)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _context(self, B: int, T: int, device, cache: Optional[Cache]) -> AttentionContext:
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]                   # (T, Dr)
+            return AttentionContext(cos[None, None], sin[None, None])
+        start = cache.pos
+        if start + T > cache.max_len:
+            raise ValueError(f"cache full: {start} + {T} tokens exceed its {cache.max_len} slots")
+        q_slot = torch.arange(start, start + T, device=device)                # (T,)
+        k_slot = torch.arange(start + T, device=device)                       # (S,)
+        pos_BT = (q_slot[None] - cache.pad_B[:, None]).clamp_min(0)           # (B, T)
+        cos, sin = self.rope_cos[pos_BT].unsqueeze(1), self.rope_sin[pos_BT].unsqueeze(1)
+        causal_TS = k_slot[None, :] <= q_slot[:, None]                        # (T, S)
+        real_BS = k_slot[None, :] >= cache.pad_B[:, None]                     # (B, S)
+        # a padding query may see itself, so its softmax is never over an empty set (no NaN)
+        self_TS = k_slot[None, :] == q_slot[:, None]
+        mask = (causal_TS[None] & real_BS[:, None]) | self_TS[None]           # (B, T, S)
+        return AttentionContext(cos, sin, mask.unsqueeze(1), start)
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[Cache] = None) -> ModelOutput:
+        """tokens (B, T) int64 -> ModelOutput with logits (B, T, V)."""
+        B, T = tokens.shape
+        ctx = self._context(B, T, tokens.device, cache)
+        x = self.embed(tokens)                                                # (B, T, D)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        stats: list[RouterStats] = []
+        for i, block in enumerate(self.blocks):
+            x, moe = block(x, ctx, cache.layers[i] if cache is not None else None)
+            if moe is not None:
+                aux_loss = aux_loss + moe.aux_loss
+                stats.append(moe.stats)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        if cache is not None:
+            cache.pos += T
+        return ModelOutput(logits, aux_loss, stats)

@@ -1,0 +1,1 @@
+"""Training: trainer loop, optimiser and schedule, checkpoints, logging."""
