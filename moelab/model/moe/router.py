@@ -54,7 +54,8 @@ def route(logits_NE: torch.Tensor, cfg: MoEConfig, bias_E: Optional[torch.Tensor
     sigmoid: DeepSeek-V3. Per-expert affinities; ``bias_E`` shifts the *selection* only, the weights
     use the unbiased scores, then are renormalised and scaled by ``routed_scaling``.
     """
-    logits_NE = logits_NE.float()
+    if logits_NE.dtype != torch.float64:
+        logits_NE = logits_NE.float()
     if cfg.router == "sigmoid":
         scores_NE = torch.sigmoid(logits_NE)
         probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
@@ -90,10 +91,10 @@ def capacity_keep_mask(routing: Routing, num_experts: int, slots: int, policy: s
     """
     ids_NK = routing.ids_NK
     N, K = ids_NK.shape
-    # priority rank of every assignment in (choice rank, token) order: (N, K) -> k * N + n
-    position_NK = (torch.arange(K, device=ids_NK.device) * N).unsqueeze(0) + \
-        torch.arange(N, device=ids_NK.device).unsqueeze(1)
-    order = position_NK.T.flatten()                       # assignments in position priority
+    # flat assignment indices (n * K + k) in position priority: choice rank k major, token n minor
+    k_col = torch.arange(K, device=ids_NK.device).unsqueeze(1)                # (K, 1)
+    n_row = torch.arange(N, device=ids_NK.device).unsqueeze(0)                # (1, N)
+    order = (n_row * K + k_col).flatten()                                     # (K*N,)
     flat_ids = ids_NK.flatten()
     if policy == "score":
         w = routing.weights_NK.flatten()[order]
@@ -124,9 +125,10 @@ class Router(nn.Module):
         self.register_buffer("load_seen", torch.zeros(num_experts), persistent=False)
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
-        logits_NE = F.linear(x_ND.float(), self.gate.float())
+        dtype = torch.float64 if x_ND.dtype == torch.float64 else torch.float32
+        logits_NE = F.linear(x_ND.to(dtype), self.gate.to(dtype))
         if self.cfg.router == "noisy" and self.training:
-            noise_std_NE = F.softplus(F.linear(x_ND.float(), self.noise.float()))
+            noise_std_NE = F.softplus(F.linear(x_ND.to(dtype), self.noise.to(dtype)))
             logits_NE = logits_NE + torch.randn_like(logits_NE) * noise_std_NE
         # Decided from the config, not the buffer's values, so the hot path never syncs.
         use_bias = self.cfg.router == "sigmoid" or self.cfg.bias_update_rate > 0
