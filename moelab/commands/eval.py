@@ -1,0 +1,56 @@
+"""`moelab eval RUN`: validation loss and perplexity of a run folder on its corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from moelab.commands import raise_user
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a run")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--json", action="store_true", help="print {\"val_loss\", \"perplexity\"} as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from moelab.data import DataError, prepare_data, val_batches
+    from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError, load_model, read_config
+    from moelab.train.trainer import evaluate, pick_device
+
+    if args.batches is not None and args.batches < 1:
+        raise_user(f"--batches = {args.batches} is invalid: must be >= 1")
+    try:
+        cfg = read_config(args.run)
+        model = load_model(args.run)
+    except CheckpointError as e:
+        raise_user(str(e))
+    data_cfg = cfg.data
+    tok = Path(args.run) / TOKENIZER_FILE
+    if tok.is_file():   # score with the run's own tokenizer, whatever the config said
+        data_cfg = dataclasses.replace(data_cfg, tokenizer=str(tok))
+    try:
+        data = prepare_data(data_cfg, cfg.model.vocab_size, log=lambda m: None)
+    except DataError as e:
+        raise_user(str(e))
+    device = pick_device(cfg.train.device)
+    model.to(device)
+    t = cfg.train
+    seq = min(t.seq_len, cfg.model.max_seq_len)
+    batches = val_batches(data.val_tokens, t.batch_size, seq, args.batches or t.eval_batches)
+    with torch.no_grad():
+        loss = evaluate(model, batches, device)
+    result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+              "tokens": sum(x.numel() for x, _ in batches)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"val loss {loss:.4f}  perplexity {result['perplexity']:.2f}  ({result['tokens']:,} tokens)")
+    return 0

@@ -1,0 +1,64 @@
+"""`moelab train`: train a preset or config on the built-in corpus or your text; resume a run."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from moelab.commands import add_config_args, config_from_args, raise_user
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (or resume a run)")
+    add_config_args(p)
+    p.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    p.add_argument("--init-from", metavar="RUN", help="start from the weights of RUN (fine-tune); "
+                                                      "the model config comes from RUN")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip batches with a non-finite loss or gradient instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moelab.train.checkpoint import CheckpointError, read_config
+    from moelab.train.state import checkpoint_dirs
+    from moelab.train.trainer import TrainingError, resume_config, train
+
+    overrides = list(args.overrides)
+    if args.skip_nonfinite:
+        overrides.append("train.skip_nonfinite=true")
+    command = "moelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        if args.resume:
+            if args.preset or args.config or args.init_from:
+                raise_user("--resume continues a run with its own config; drop --preset/--config/--init-from")
+            run_dir = Path(args.resume)
+            cfg = resume_config(run_dir, overrides)          # refuses non-runs before writing
+            if not checkpoint_dirs(run_dir):
+                raise_user(f"{str(run_dir)!r} has no checkpoint to resume from")
+            resume = True
+        else:
+            args.overrides = overrides
+            cfg = config_from_args(args)
+            if args.init_from:
+                source = read_config(args.init_from)
+                cfg = type(cfg)(model=source.model, train=cfg.train, data=cfg.data).validate()
+            name = args.preset or (Path(args.config).stem if args.config else "model")
+            run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if checkpoint_dirs(run_dir):
+                raise_user(f"{str(run_dir)!r} already holds a run; use --resume {run_dir} or another --out")
+            resume = False
+        train(cfg, run_dir, resume=resume, init_from=args.init_from, command=command,
+              show_progress=False if args.no_progress else None)
+    except (CheckpointError, TrainingError) as e:
+        raise_user(str(e))
+    except Exception as e:
+        from moelab.data import DataError
+        if isinstance(e, DataError):
+            raise_user(str(e))
+        raise
+    return 0

@@ -1,0 +1,307 @@
+"""The training loop: data -> model -> loss + aux losses -> AdamW -> router bias updates, with
+periodic validation, logging and checkpoints.
+
+Determinism: on CPU in fp32 a run is a pure function of its config. Batches are a function of
+(seed, step) and the RNG state is checkpointed, so a run stopped at any checkpoint and resumed
+reproduces the uninterrupted per-step losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from moelab.accounting import describe
+from moelab.config import Config
+from moelab.model.transformer import Transformer
+from moelab.train.checkpoint import (
+    METRICS_FILE, TOKENIZER_FILE, CheckpointError, atomic_write, load_model, read_config,
+    write_json,
+)
+from moelab.train.runlog import RunLogger
+from moelab.train.memory import PeakMemory
+from moelab.train.optim import build_optimizer, lr_at
+from moelab.train.state import (
+    LoopState, checkpoint_dirs, read_checkpoint, restore, save_checkpoint,
+)
+
+SUMMARY_FILE = "summary.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (a non-finite loss or gradient); the message names step and layer."""
+
+
+@dataclass
+class Budget:
+    """Whichever limit is reached first ends the run."""
+    max_steps: int
+    max_tokens: Optional[int]
+    max_seconds: Optional[float]
+    tokens_per_step: int
+
+    @property
+    def planned_steps(self) -> int:
+        steps = self.max_steps
+        if self.max_tokens is not None:
+            steps = min(steps, math.ceil(self.max_tokens / self.tokens_per_step))
+        return steps
+
+    def progress(self, loop: LoopState) -> float:
+        """Fraction of the budget used, driving the cosine schedule (time budgets included)."""
+        p = loop.step / max(1, self.planned_steps)
+        if self.max_seconds:
+            p = max(p, loop.elapsed_s / self.max_seconds)
+        return min(1.0, p)
+
+    def done(self, loop: LoopState) -> bool:
+        if loop.step >= self.planned_steps:
+            return True
+        return bool(self.max_seconds) and loop.elapsed_s >= self.max_seconds
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from moelab.config import ConfigError
+        raise ConfigError("train.device = 'cuda' is invalid: no CUDA device is available")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches, device: torch.device) -> float:
+    """Mean cross-entropy over fixed validation windows (eval mode: dropless routing)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with _autocast(device):
+            logits = model(x.to(device)).logits
+        total += lm_loss(logits, y.to(device)).item()
+    model.train(was_training)
+    return total / max(1, len(batches))
+
+
+def _first_nonfinite_module(model: Transformer, x: torch.Tensor, device) -> str:
+    """Re-run the forward with hooks and name the first sub-module whose output is not finite."""
+    found: list[str] = []
+    hooks = []
+    names = {"embed": model.embed, "norm": model.norm}
+    for i, blk in enumerate(model.blocks):
+        names[f"blocks.{i}.attn"] = blk.attn
+        names[f"blocks.{i}.ffn ({'moe' if blk.is_moe else 'dense'})"] = blk.ffn
+    for name, module in names.items():
+        def hook(_m, _inp, out, name=name):
+            t = out.output if hasattr(out, "output") else out
+            if torch.is_tensor(t) and not found and not torch.isfinite(t).all():
+                found.append(name)
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), _autocast(device):
+            logits = model(x).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    if found:
+        return found[0]
+    return "lm_head" if not torch.isfinite(logits).all() else "the loss (logits were finite)"
+
+
+def _nonfinite_grads(model: Transformer) -> list[str]:
+    """Parameters with non-finite gradients, the one nearest the output first (where backward
+    meets the problem first)."""
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    return list(reversed(bad))
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
+          command: str = "", log: Callable[[str], None] | None = None, show_progress: bool | None = None) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns its summary (also in summary.json)."""
+    from moelab.data import TokenBatches, prepare_data, val_batches
+
+    run_dir = Path(run_dir)
+    t_cfg = cfg.train
+    ckpt_data = None
+    if resume:
+        ckpts = checkpoint_dirs(run_dir)
+        if not ckpts:
+            raise CheckpointError(f"{str(run_dir)!r} has no checkpoint to resume from")
+        ckpt_data = read_checkpoint(ckpts[-1])        # validated before anything is written
+        ckpt_path = ckpts[-1]
+
+    logger = RunLogger(run_dir, show_progress=show_progress, log=log)
+    device = pick_device(t_cfg.device)
+    torch.manual_seed(t_cfg.seed)
+
+    data = prepare_data(cfg.data, cfg.model.vocab_size, log=logger.info)
+    batches = TokenBatches(data.train_tokens, t_cfg.batch_size, t_cfg.seq_len, t_cfg.seed)
+    val = val_batches(data.val_tokens, t_cfg.batch_size, t_cfg.seq_len, t_cfg.eval_batches)
+
+    logger.open_tensorboard()           # its import is not training memory: do it before tracking
+    memory = PeakMemory(device).start()
+    torch.manual_seed(t_cfg.seed)
+    model = Transformer(cfg.model).to(device)
+    if init_from is not None:
+        source = load_model(init_from)
+        model.load_state_dict(source.state_dict())
+        logger.info(f"initialised weights from {init_from}")
+    model.train()
+    optimizer = build_optimizer(model, t_cfg)
+    loop = LoopState()
+    if ckpt_data is not None:
+        loop = restore(model, optimizer, *ckpt_data, source=str(ckpt_path))
+        logger.truncate_metrics(after_step=loop.step)
+        logger.info(f"resumed from {ckpt_path.name} (step {loop.step}, {loop.tokens:,} tokens)")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+        atomic_write(run_dir / TOKENIZER_FILE, lambda t: Path(t).write_text(data.tokenizer_json, encoding="utf-8"))
+        (run_dir / METRICS_FILE).write_text("")
+    info = describe(cfg.model, t_cfg.batch_size, t_cfg.seq_len)
+    write_json(run_dir / "run_meta.json", {
+        "command": command, "corpus": data.corpus.__dict__, "torch": torch.__version__,
+        "device": str(device), "machine": platform.platform(), "processor": platform.processor(),
+        "total_params": info["total_params"], "active_params": info["active_params"],
+        "flops_per_token": info["flops_per_token"],
+    })
+    tokens_per_step = t_cfg.batch_size * t_cfg.seq_len * t_cfg.grad_accum
+    budget = Budget(t_cfg.max_steps, t_cfg.max_tokens,
+                    t_cfg.max_minutes * 60 if t_cfg.max_minutes else None, tokens_per_step)
+    logger.info(f"{info['total_params']:,} params ({info['active_params']:,} active), "
+                f"{tokens_per_step:,} tokens/step, up to {budget.planned_steps} steps on {device}")
+
+    if loop.step == 0 and t_cfg.eval_every:
+        logger.eval_record(loop, evaluate(model, val, device))
+    logger.start_progress(budget.planned_steps, loop.step)
+    throughput: list[float] = []
+    interval_tokens, interval_time = 0, 0.0
+    last_val = None
+    while not budget.done(loop):
+        step_start = time.perf_counter()
+        lr = lr_at(loop.step, budget.progress(loop), t_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, aux_sum, skipped = 0.0, 0.0, False
+        out = None
+        for micro in range(t_cfg.grad_accum):
+            x, y = batches.batch(loop.step * t_cfg.grad_accum + micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device):
+                out = model(x)
+                ce = lm_loss(out.logits, y)
+                loss = ce + out.aux_loss
+            if not torch.isfinite(loss):
+                where = _first_nonfinite_module(model, x, device)
+                msg = f"non-finite loss ({loss.item()}) at step {loop.step + 1}; first appeared in {where}"
+                if not t_cfg.skip_nonfinite:
+                    raise TrainingError(msg + " (use --skip-nonfinite to skip such batches)")
+                logger.warn(msg + "; batch skipped")
+                skipped = True
+                break
+            (loss / t_cfg.grad_accum).backward()
+            loss_sum += ce.item() / t_cfg.grad_accum
+            aux_sum += out.aux_loss.item() / t_cfg.grad_accum
+        grad_norm = float("nan")
+        if not skipped:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip or float("inf")))
+            if not math.isfinite(grad_norm):
+                bad = _nonfinite_grads(model)
+                msg = (f"non-finite gradient at step {loop.step + 1}; first appeared in "
+                       f"{bad[0] if bad else 'unknown'} ({len(bad)} parameters affected)")
+                if not t_cfg.skip_nonfinite:
+                    raise TrainingError(msg + " (use --skip-nonfinite to skip such batches)")
+                logger.warn(msg + "; batch skipped")
+                skipped = True
+        if not skipped:
+            optimizer.step()
+            model.update_router_biases()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - step_start
+        loop.step += 1
+        loop.tokens += tokens_per_step
+        loop.elapsed_s += dt
+        interval_tokens += tokens_per_step
+        interval_time += dt
+
+        if loop.step % t_cfg.log_every == 0 or budget.done(loop):
+            tps = interval_tokens / max(interval_time, 1e-9)
+            throughput.append(tps)
+            interval_tokens, interval_time = 0, 0.0
+            router = [dict(layer=s.layer, **s.summary()) for s in out.router_stats] if out else []
+            logger.train_record(loop, loss=loss_sum, aux_loss=aux_sum, lr=lr, grad_norm=grad_norm,
+                                tokens_per_s=tps, router=router, skipped=skipped)
+        logger.advance(loop, loss_sum)
+        if loop.step % t_cfg.eval_every == 0 or budget.done(loop):
+            last_val = evaluate(model, val, device)
+            logger.eval_record(loop, last_val)
+        if loop.step % t_cfg.save_every == 0 or budget.done(loop):
+            save_checkpoint(run_dir, model, optimizer, loop, t_cfg.keep_checkpoints)
+
+    logger.stop_progress()
+    peak = memory.stop()
+    if last_val is None:
+        last_val = evaluate(model, val, device)
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": loop.step,
+        "tokens": loop.tokens,
+        "train_time_s": round(loop.elapsed_s, 3),
+        "val_loss": last_val,
+        "perplexity": math.exp(min(last_val, 50.0)),
+        "tokens_per_s": statistics.median(throughput[1:] or throughput) if throughput else None,
+        "peak_memory_bytes": peak,
+        "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS above pre-model level",
+        "memory_estimate_bytes": info["memory_bytes"],
+        "total_params": info["total_params"],
+        "active_params": info["active_params"],
+        "flops_per_token": info["flops_per_token"],
+        "device": str(device),
+        "corpus_sha256": data.corpus.sha256,
+    }
+    write_json(run_dir / SUMMARY_FILE, summary)
+    logger.info(f"done: {loop.step} steps, {loop.tokens:,} tokens, val loss {last_val:.4f} "
+                f"(ppl {summary['perplexity']:.2f}), run folder {run_dir}")
+    logger.close()
+    return summary
+
+
+def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
+    """The config a resumed run continues with: its own, plus train.* overrides only (a longer
+    budget, say); anything that would change the model or data is refused."""
+    from moelab.config import ConfigError
+    cfg = read_config(run_dir)
+    for o in overrides:
+        if not o.strip().startswith("train."):
+            raise ConfigError(f"--resume keeps the run's model and data; only train.* keys may be "
+                              f"overridden (got '{o.split('=')[0]}')")
+    return cfg.with_overrides(overrides).validate() if overrides else cfg
+
+
+def load_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
