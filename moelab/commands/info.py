@@ -9,6 +9,7 @@ from moelab.commands import add_config_args, config_from_args
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="show a model's architecture and cost")
+    p.add_argument("run", nargs="?", help="a run folder (instead of --preset/--config)")
     add_config_args(p)
     p.add_argument("--batch", type=int, default=None, help="batch size for the memory estimate")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs and memory")
@@ -34,7 +35,19 @@ def _bytes(n: float) -> str:
 
 def run(args) -> int:
     from moelab.accounting import describe
-    cfg = config_from_args(args)
+    if args.run:
+        from moelab.commands import raise_user
+        from moelab.train.checkpoint import CheckpointError, read_config
+        if args.preset or args.config:
+            raise_user("give a run folder or --preset/--config, not both")
+        try:
+            cfg = read_config(args.run)
+        except CheckpointError as e:
+            raise_user(str(e))
+        if args.overrides:
+            cfg = cfg.with_overrides(args.overrides).validate()
+    else:
+        cfg = config_from_args(args)
     batch = args.batch or cfg.train.batch_size
     seq = args.seq_len or cfg.train.seq_len
     info = describe(cfg.model, batch=batch, seq_len=seq)

@@ -125,7 +125,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCon
     """SDPA over (B, H, T, Dh) queries and (B, G, S, Dh) keys; G may divide H (GQA)."""
     gqa = k.shape[1] != q.shape[1]
     if ctx.mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        # Without a mask the queries are the last T of the S keys with S == T, or a lone query
+        # (decoding) that sees every cached key; SDPA's causal mask is top-left aligned, so a
+        # lone query must not use it.
+        causal = q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=scale, enable_gqa=gqa)
 
 

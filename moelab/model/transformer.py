@@ -47,6 +47,8 @@ class Cache:
         self.max_len, self.pos = max_len, 0
         self.pad_B = pad_B.to(param.device) if pad_B is not None else \
             torch.zeros(batch, dtype=torch.long, device=param.device)
+        # Known once here so that decoding an unpadded batch never builds a mask (one host read).
+        self.padded = bool((self.pad_B > 0).any())
 
 
 class Block(nn.Module):
@@ -128,6 +130,11 @@ class Transformer(nn.Module):
         start = cache.pos
         if start + T > cache.max_len:
             raise ValueError(f"cache full: {start} + {T} tokens exceed its {cache.max_len} slots")
+        if not cache.padded and (T == 1 or start == 0):
+            # No padding: positions are slots, and plain causal attention is right (prefill from
+            # slot 0, or one decoded token that sees every cached key): no gather, no mask.
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, Dr)
+            return AttentionContext(cos[None, None], sin[None, None], None, start)
         q_slot = torch.arange(start, start + T, device=device)                # (T,)
         k_slot = torch.arange(start + T, device=device)                       # (S,)
         pos_BT = (q_slot[None] - cache.pad_B[:, None]).clamp_min(0)           # (B, T)
@@ -151,8 +158,22 @@ class Transformer(nn.Module):
             if moe is not None:
                 aux_loss = aux_loss + moe.aux_loss
                 stats.append(moe.stats)
-        x = self.norm(x)
-        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        logits = self.lm_logits(self.norm(x))
         if cache is not None:
             cache.pos += T
         return ModelOutput(logits, aux_loss, stats)
+
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states (..., D) -> vocabulary logits (..., V), tied or not."""
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    # ---- generation (moelab.generate holds the loop) -------------------------------------------
+    def generate(self, prompts, options=None, **kwargs):
+        """Sample continuations; see :func:`moelab.generate.generate`."""
+        from moelab.generate import generate
+        return generate(self, prompts, options, **kwargs)
+
+    def stream(self, prompts, options=None, **kwargs):
+        """Yield one :class:`moelab.generate.Step` per new token; see :func:`moelab.generate.stream`."""
+        from moelab.generate import stream
+        return stream(self, prompts, options, **kwargs)

@@ -250,7 +250,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
             tps = interval_tokens / max(interval_time, 1e-9)
             throughput.append(tps)
             interval_tokens, interval_time = 0, 0.0
-            router = [dict(layer=s.layer, **s.summary()) for s in out.router_stats] if out else []
+            router = [dict(layer=s.layer, **s.summary(),
+                           load=(s.tokens_per_expert / s.tokens_per_expert.sum().clamp_min(1)).tolist())
+                      for s in out.router_stats] if out else []
             logger.train_record(loop, loss=loss_sum, aux_loss=aux_sum, lr=lr, grad_norm=grad_norm,
                                 tokens_per_s=tps, router=router, skipped=skipped)
         logger.advance(loop, loss_sum)

@@ -24,6 +24,10 @@ class DispatchPlan:
     weight_M: torch.Tensor      # combine weight of each row, (M,) float32 (carries gradient)
     counts_E: torch.Tensor      # rows per expert, (E,) int64; sums to M
     num_tokens: int
+    # flat assignment (n * K + k) of each row, (M,) int64: the slot a deterministic combine
+    # writes to (see experts.RowMap)
+    assign_idx_M: Optional[torch.Tensor] = None
+    top_k: int = 1
 
 
 def plan_dispatch(routing: Routing, num_experts: int, keep_NK: Optional[torch.Tensor] = None) -> DispatchPlan:
@@ -32,6 +36,9 @@ def plan_dispatch(routing: Routing, num_experts: int, keep_NK: Optional[torch.Te
     N, K = ids_NK.shape
     flat_ids = ids_NK.flatten()                                       # (N*K,)
     if keep_NK is None:
+        # A comparison sort of N*K small integers; a counting sort (bincount + cumsum + rank
+        # within expert) would be O(N*K) but needs the rank, which costs an (N*K, E) one-hot
+        # or a sort anyway. Measured: argsort of 65k ids takes < 1 ms next to ~100 ms of GEMMs.
         order = torch.argsort(flat_ids, stable=True)
         counts_E = torch.bincount(flat_ids, minlength=num_experts)
     else:
@@ -44,6 +51,8 @@ def plan_dispatch(routing: Routing, num_experts: int, keep_NK: Optional[torch.Te
         weight_M=routing.weights_NK.flatten()[order],
         counts_E=counts_E,
         num_tokens=N,
+        assign_idx_M=order,
+        top_k=K,
     )
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from moelab.config import ConfigError, ModelConfig, MoEConfig, _validate_moe, from_dict
 from moelab.model.ffn import SwiGLU
 from moelab.model.moe import losses
-from moelab.model.moe.dispatch import permute, plan_dispatch, unpermute
+from moelab.model.moe.dispatch import plan_dispatch
 from moelab.model.moe.experts import GroupedExperts
 from moelab.model.moe.router import Router, capacity, capacity_keep_mask
 
@@ -117,8 +117,9 @@ class MoE(nn.Module):
         if factor is not None:
             keep_NK = capacity_keep_mask(routing, E, capacity(N, E, K, factor), self.cfg.drop_policy)
         plan = plan_dispatch(routing, E, keep_NK)
-        y_MD = self.experts(permute(x_ND, plan), plan.counts_E)
-        out_ND = unpermute(y_MD, plan)
+        # permute -> experts -> unpermute fused into one pass (GroupedExperts.forward_dispatched);
+        # expert parallelism will run the three steps apart, with all-to-alls in between
+        out_ND = self.experts.forward_dispatched(x_ND, plan)
 
         if self.shared is not None:
             shared_ND = self.shared(x_ND)

@@ -1,0 +1,64 @@
+"""`moelab bench moe`: time one MoE layer against the equal-active dense SwiGLU and Hugging Face's
+experts implementations, for the user's own shape (the measurement of benchmarks/moe_layer.py)."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark a component")
+    what = p.add_subparsers(dest="what", metavar="WHAT")
+    what.required = True
+    m = what.add_parser("moe", help="one MoE layer vs dense SwiGLU (intermediate = top_k * hidden) and HF")
+    m.add_argument("--tokens", type=int, default=4096, help="tokens N in the batch")
+    m.add_argument("--d-model", type=int, default=512)
+    m.add_argument("--experts", type=int, default=64)
+    m.add_argument("--top-k", type=int, default=8)
+    m.add_argument("--expert-hidden", type=int, default=256)
+    m.add_argument("--rounds", type=int, default=7, help="timed rounds per mode (after 2 warm-up)")
+    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    m.add_argument("--device", default="cpu", help="cpu or cuda")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    m.add_argument("--backend", default="auto", choices=["auto", "grouped_mm", "loop"],
+                   help="moelab's expert GEMM engine")
+    m.add_argument("--no-hf", action="store_true", help="skip the Hugging Face implementations")
+    m.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.set_defaults(func=run_moe)
+
+
+def _check(args) -> None:
+    from moelab.commands import raise_user
+    for name in ("tokens", "d_model", "experts", "top_k", "expert_hidden", "rounds"):
+        value = getattr(args, name)
+        if value < 1:
+            raise_user(f"--{name.replace('_', '-')} = {value} is invalid: must be > 0")
+    if args.top_k > args.experts:
+        raise_user(f"--top-k = {args.top_k} is invalid: must be <= --experts ({args.experts})")
+    if args.threads is not None and args.threads < 1:
+        raise_user(f"--threads = {args.threads} is invalid: must be > 0")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise_user("--device cuda: no CUDA device is available")
+
+
+def run_moe(args) -> int:
+    _check(args)
+    import torch
+
+    from moelab.benchmarking import Shape, environment, format_table, measure
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = Shape(tokens=args.tokens, d_model=args.d_model, experts=args.experts, top_k=args.top_k,
+                  expert_hidden=args.expert_hidden)
+    result = measure(shape, rounds=args.rounds, device=args.device, dtype=getattr(torch, args.dtype),
+                     hf=not args.no_hf, memory=not args.no_memory, backend=args.backend)
+    if args.json:
+        print(json.dumps({"environment": environment(), **result}))
+        return 0
+    env = environment()
+    print(f"{shape.label()}  {args.dtype} on {args.device}, torch {env['torch']}, {env['threads']} threads")
+    print(format_table([result]))
+    return 0

@@ -1,0 +1,121 @@
+"""`moelab generate RUN`: sample text from a run folder's model, streamed as it is produced."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from moelab.commands import raise_user
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a run folder's model")
+    p.add_argument("run", metavar="RUN", help="run folder (config.json, model.safetensors, tokenizer.json)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not printed")
+    p.add_argument("--show-experts", action="store_true",
+                   help="print, for each new token, the experts it went to in each MoE layer")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end, no streaming")
+    p.set_defaults(func=run)
+
+
+def _load(args):
+    """Model and tokenizer of the run folder; every failure names what is wrong."""
+    from tokenizers import Tokenizer
+
+    import moelab
+    from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError
+    try:
+        model = moelab.load(args.run, device=args.device)
+    except CheckpointError as e:
+        raise_user(f"RUN: {e}")
+    except RuntimeError as e:   # e.g. an unavailable device
+        raise_user(f"--device {args.device}: {e}")
+    tok_path = Path(args.run) / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise_user(f"RUN: {args.run!r} has no {TOKENIZER_FILE}; generate needs the run's tokenizer")
+    return model, Tokenizer.from_file(str(tok_path))
+
+
+def _prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise_user(f"--prompt-file {args.prompt_file!r} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def _experts_line(token_text: str, experts, moe_layers: list[int]) -> str:
+    if experts is None:
+        return f"{token_text!r:<16} (not traced: the context is full)"
+    per_layer = "  ".join(f"L{layer}:{','.join(map(str, ids))}" for layer, ids in zip(moe_layers, experts))
+    return f"{token_text!r:<16} {per_layer}"
+
+
+def run(args) -> int:
+    from moelab.generate import GenerationError, sampling_options, stream
+    try:
+        opts = sampling_options(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            seed=args.seed, stop=tuple(args.stop))
+    except GenerationError as e:
+        raise_user(e.for_cli())
+    prompt = _prompt(args)
+    model, tokenizer = _load(args)
+    moe_layers = model.config.moe_layer_indices()
+    trace = args.show_experts and bool(moe_layers)
+    out = sys.stdout
+    tokens: list[int] = []
+    text, experts, reason = "", [], "length"
+    start = time.perf_counter()
+    try:
+        for step in stream(model, prompt, opts, tokenizer=tokenizer, trace_experts=trace):
+            token = step.tokens[0]
+            if token is None:
+                break
+            tokens.append(token)
+            text += step.text[0]
+            reason = step.finished[0] or reason
+            if trace:
+                experts.append(step.experts[0])
+            if args.json:
+                continue
+            if trace:
+                print(_experts_line(tokenizer.decode([token]), step.experts[0], moe_layers), file=out)
+            else:
+                out.write(step.text[0])
+                out.flush()
+    except GenerationError as e:
+        raise_user(e.for_cli())
+    seconds = time.perf_counter() - start
+    rate = len(tokens) / max(seconds, 1e-9)
+    if args.json:
+        result = {"text": text, "tokens": tokens, "finish_reason": reason, "new_tokens": len(tokens),
+                  "seconds": round(seconds, 4), "tokens_per_s": round(rate, 1)}
+        if trace:
+            result["experts"] = experts
+            result["moe_layers"] = moe_layers
+        print(json.dumps(result))
+        return 0
+    if trace:
+        print(text, file=out)
+    elif not text.endswith("\n"):
+        out.write("\n")
+    print(f"[{len(tokens)} tokens in {seconds:.2f} s, {rate:.1f} tokens/s, stopped: {reason}]",
+          file=sys.stderr)
+    return 0

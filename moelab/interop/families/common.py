@@ -1,0 +1,271 @@
+"""What the six families share: rule fragments of the key maps, a config.json reader that
+remembers what it read, and the fields every decoder family spells the same way.
+
+Each family module exposes ``MODEL_TYPE``, ``KEYMAP``, ``model_from_hf(c: HFConfig) -> dict``
+(our ``model`` section) and ``model_to_hf(m: ModelConfig, notes) -> dict`` (its config.json),
+and refuses with :class:`InteropError` whatever it cannot express exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from moelab.config import ModelConfig
+from moelab.interop.errors import InteropError
+from moelab.interop.keymap import Concat, Ctx, Dropped, Experts, Rule, ZeroBuffer
+
+_MISSING = object()
+
+# config.json keys that do not change what the model computes at inference
+NON_COMPUTATIONAL = {
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "initializer_range", "output_router_logits", "router_aux_loss_coef", "attention_dropout",
+    "_name_or_path", "name_or_path", "auto_map", "tokenizer_class", "return_dict",
+    "output_hidden_states", "output_attentions", "use_return_dict", "id2label", "label2id",
+    "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "add_cross_attention", "tie_encoder_decoder", "cross_attention_hidden_size",
+    "finetuning_task", "task_specific_params", "prefix", "pretraining_tp",
+    "_attn_implementation_autoset", "_commit_hash", "tf_legacy_loss", "pruned_heads",
+    "torchscript", "use_bfloat16", "num_labels", "bad_words_ids", "ep_size", "aux_loss_alpha",
+    "seq_aux", "router_jitter_noise", "_experts_implementation", "_attn_implementation",
+}
+
+
+class HFConfig:
+    """A Hugging Face config.json (a dict) that records which keys were read, so that keys nobody
+    read can be reported instead of silently ignored."""
+
+    def __init__(self, data: dict, family: str):
+        self.data, self.family = dict(data), family
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        self.read.add(key)
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING or (value is None and default is not _MISSING and default is not None):
+            if default is _MISSING:
+                raise InteropError(f"config.json ({self.family}) has no {key!r}")
+            return default
+        return value
+
+    def first(self, *keys: str) -> Any:
+        """The first of several spellings that is present (transformers' attribute_map aliases)."""
+        for key in keys:
+            if self.data.get(key) is not None:
+                self.read.update(keys)
+                return self.data[key]
+        raise InteropError(f"config.json ({self.family}) has none of {', '.join(map(repr, keys))}")
+
+    def fail(self, key: str, value: Any, why: str) -> None:
+        raise InteropError(f"config.json ({self.family}): {key} = {value!r} is not supported: {why}")
+
+    def expect(self, key: str, ok: Callable[[Any], bool], why: str, default: Any = None) -> Any:
+        value = self.get(key, default)
+        if not ok(value):
+            self.fail(key, value, why)
+        return value
+
+    def unread(self) -> list[str]:
+        return sorted(k for k in self.data if k not in self.read and k not in NON_COMPUTATIONAL)
+
+
+def refuse(family: str, what: str, why: str) -> None:
+    raise InteropError(f"cannot export to {family}: {what} ({why})")
+
+
+# ---------------------------------------------------------------------------------------------
+# config fields common to the GQA families
+# ---------------------------------------------------------------------------------------------
+
+def read_rope(c: HFConfig, default_theta: float) -> float:
+    """rope_theta from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``
+    (older files). Only plain RoPE is implemented: any scaling type is refused."""
+    params = c.get("rope_parameters", None) or {}
+    scaling = c.get("rope_scaling", None) or {}
+    theta = params.get("rope_theta", c.get("rope_theta", default_theta))
+    for name, d in (("rope_parameters", params), ("rope_scaling", scaling)):
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind not in ("default", None):
+            c.fail(f"{name}.rope_type", kind, "only plain RoPE is implemented (no yarn/llama3/linear/dynamic scaling)")
+        if d.get("partial_rotary_factor", 1.0) != 1.0:
+            c.fail(f"{name}.partial_rotary_factor", d["partial_rotary_factor"], "RoPE covers the whole head here")
+    return float(theta)
+
+
+def read_common(c: HFConfig, *, default_theta: float = 10000.0) -> dict:
+    """vocab, width, depth, heads, context, RoPE, norm eps, tying; checks the activation."""
+    c.expect("hidden_act", lambda v: v == "silu", "only SwiGLU (silu) FFNs are implemented", "silu")
+    heads = c.get("num_attention_heads")
+    kv = c.get("num_key_value_heads", heads)
+    hidden = c.get("hidden_size")
+    m = {
+        "vocab_size": c.get("vocab_size"),
+        "d_model": hidden,
+        "n_layers": c.get("num_hidden_layers"),
+        "n_heads": heads,
+        "n_kv_heads": None if kv == heads else kv,
+        "max_seq_len": c.get("max_position_embeddings"),
+        "rope_theta": read_rope(c, default_theta),
+        "norm_eps": float(c.get("rms_norm_eps")),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "init_std": float(c.get("initializer_range", 0.02)),
+    }
+    head_dim = c.get("head_dim", None)
+    if head_dim is not None and head_dim != hidden // heads:
+        m["head_dim"] = head_dim
+    return m
+
+
+def check_window(c: HFConfig, max_len: int) -> None:
+    """Sliding-window attention is not implemented: a window narrower than the context would
+    change the computation, so it is an error; a window at least as wide is plain attention."""
+    use = c.get("use_sliding_window", True)
+    window = c.get("sliding_window", None)
+    types = c.get("layer_types", None) or []
+    c.get("max_window_layers", None)
+    if not use or not window:
+        return
+    if window < max_len and (not types or "sliding_attention" in types):
+        c.fail("sliding_window", window, f"sliding-window attention is not implemented "
+               f"(window narrower than max_position_embeddings={max_len})")
+
+
+def common_to_hf(m: ModelConfig, family: str) -> dict:
+    return {
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.kv_heads,
+        "max_position_embeddings": m.max_seq_len,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rms_norm_eps": m.norm_eps,
+        "tie_word_embeddings": m.tie_embeddings,
+        "initializer_range": m.init_std,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "use_cache": True,
+    }
+
+
+def check_gqa(m: ModelConfig, family: str, *, qk_norm: str = "none", bias: bool = False) -> None:
+    if m.attention != "gqa":
+        refuse(family, f"attention = {m.attention!r}", "this family uses grouped-query attention")
+    if m.qk_norm != qk_norm:
+        refuse(family, f"qk_norm = {m.qk_norm!r}", f"this family's q/k norm is {qk_norm!r}")
+    if m.attn_bias and not bias:
+        refuse(family, "attn_bias = true", "this family's attention bias also covers the output "
+               "projection, which moelab does not have")
+
+
+def check_moe_export(m: ModelConfig, family: str, notes: list[str], *, router: str = "softmax") -> None:
+    """Refuse what an HF MoE family cannot express; note what is training-only and dropped."""
+    moe = m.moe
+    if not m.moe_layer_indices():
+        return
+    if moe.num_experts_per_layer is not None and len(set(moe.num_experts_per_layer)) > 1:
+        refuse(family, f"num_experts_per_layer = {list(moe.num_experts_per_layer)}",
+               "the family has one expert count for every MoE layer")
+    kind = "sigmoid" if moe.router == "sigmoid" else "softmax"
+    if kind != router:
+        refuse(family, f"moe.router = {moe.router!r}", f"this family's router is {router}")
+    if moe.router == "noisy":
+        notes.append("moe.router = 'noisy': the learned noise acts only in training and is dropped; "
+                     "inference routing is the same softmax top-k")
+    if moe.eval_capacity_factor is not None:
+        refuse(family, f"moe.eval_capacity_factor = {moe.eval_capacity_factor}",
+               "capacity dropping at inference; Hugging Face MoE layers are dropless")
+    if moe.capacity_factor is not None:
+        notes.append(f"moe.capacity_factor = {moe.capacity_factor} is training-only (inference is dropless) and is dropped")
+    if moe.n_groups > 1 and router != "sigmoid":
+        refuse(family, f"moe.n_groups = {moe.n_groups}", "group-limited routing exists only in deepseek_v3")
+    for name in ("seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        if getattr(moe, name) > 0:
+            notes.append(f"moe.{name} = {getattr(moe, name)} is training-only and is dropped")
+
+
+def moe_layers(m: ModelConfig) -> list[int]:
+    return m.moe_layer_indices()
+
+
+def experts_in_moe_layers(m: ModelConfig) -> int:
+    layers = m.moe_layer_indices()
+    return m.experts_in_layer(layers[0]) if layers else m.moe.num_experts
+
+
+def layer_pattern(n_layers: int, moe: list[int]) -> dict:
+    """Our MoE layer pattern for an explicit set of MoE layers: "all"/"none" when it is, else the
+    explicit list (HF's decoder_sparse_step + mlp_only_layers, or first_k_dense_replace, are
+    resolved to indices so that nothing depends on matching conventions)."""
+    if len(moe) == n_layers:
+        return {"layers": "all"}
+    if not moe:
+        return {"layers": "none"}
+    return {"layers": list(moe)}
+
+
+# ---------------------------------------------------------------------------------------------
+# key-map fragments
+# ---------------------------------------------------------------------------------------------
+
+def qkv_rows(ctx: Ctx) -> list[int]:
+    c = ctx.cfg
+    return [c.n_heads * c.attn_head_dim, c.kv_heads * c.attn_head_dim, c.kv_heads * c.attn_head_dim]
+
+
+TOP = (
+    Rule("embed.weight", ("model.embed_tokens.weight",)),
+    Rule("norm.weight", ("model.norm.weight",)),
+    Rule("lm_head.weight", ("lm_head.weight",)),
+)
+
+NORMS = (
+    Rule("attn_norm.weight", ("input_layernorm.weight",)),
+    Rule("ffn_norm.weight", ("post_attention_layernorm.weight",)),
+)
+
+GQA = (
+    Rule("attn.qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+         Concat(qkv_rows)),                                    # (H + 2G) Dh x D  =  q | k | v
+    Rule("attn.qkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+         Concat(qkv_rows)),
+    Rule("attn.out.weight", ("self_attn.o_proj.weight",)),
+    Rule("attn.q_norm.weight", ("self_attn.q_norm.weight",)),
+    Rule("attn.k_norm.weight", ("self_attn.k_norm.weight",)),
+)
+
+DENSE_MLP = (
+    Rule("ffn.gate_up.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), Concat()),  # 2F x D = gate | up
+    Rule("ffn.down.weight", ("mlp.down_proj.weight",)),
+)
+
+
+def moe_rules(*, prefix: str = "mlp", gate: str = "gate_proj", up: str = "up_proj",
+              down: str = "down_proj", bias: Optional[str] = None) -> tuple[Rule, ...]:
+    """Router and routed experts. Checkpoints keep one (F, D) gate, up and (D, F) down per expert
+    under ``{prefix}.experts.{e}``; the live module keeps ``mlp.experts.gate_up_proj`` (E, 2F, D)
+    and ``mlp.experts.down_proj`` (E, D, F), exactly our w_gate_up / w_down."""
+    rules = [
+        Rule("ffn.router.gate", (f"{prefix}.gate.weight",), module="mlp.gate.weight"),
+        Rule("ffn.experts.w_gate_up", (f"{prefix}.experts.{{e}}.{gate}.weight", f"{prefix}.experts.{{e}}.{up}.weight"),
+             Experts(parts=2), module="mlp.experts.gate_up_proj"),
+        Rule("ffn.experts.w_down", (f"{prefix}.experts.{{e}}.{down}.weight",), Experts(parts=1),
+             module="mlp.experts.down_proj"),
+        Rule("ffn.router.noise", (), Dropped()),
+    ]
+    if bias is None:
+        rules.append(Rule("ffn.router.expert_bias", (), ZeroBuffer()))
+    else:
+        rules.append(Rule("ffn.router.expert_bias", (f"{prefix}.gate.{bias}",)))
+    return tuple(rules)
+
+
+def shared_rules(name: str, gate: Optional[str] = None) -> tuple[Rule, ...]:
+    rules = [
+        Rule("ffn.shared.gate_up.weight", (f"mlp.{name}.gate_proj.weight", f"mlp.{name}.up_proj.weight"), Concat()),
+        Rule("ffn.shared.down.weight", (f"mlp.{name}.down_proj.weight",)),
+    ]
+    if gate is not None:
+        rules.append(Rule("ffn.shared_gate.weight", (f"mlp.{gate}.weight",)))
+    return tuple(rules)

@@ -1,0 +1,327 @@
+"""Hugging Face folders and live transformers models <-> moelab runs and models.
+
+Folders: ``import_hf(hf_dir, out_run)`` and ``export_hf(run_dir, out_dir, family)``. Checkpoints are
+read through safetensors, memory-mapped (``safe_open``), shard by shard when there is a
+``model.safetensors.index.json``; pickle files are never opened. Outputs are written into a temp
+folder beside the destination and renamed at the end, so a failure leaves nothing behind.
+
+Live models (need ``transformers``): ``to_transformers(model, family)`` and
+``from_transformers(hf_model)``, in memory, for side-by-side runs and benchmarks.
+
+What the key maps and config mappings do per family lives in ``moelab.interop.families``; this
+module only moves files and tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Optional, Union
+
+import torch
+
+from moelab.config import Config, ConfigError, ModelConfig, from_dict
+from moelab.interop.errors import InteropError
+from moelab.interop.families import FAMILIES
+from moelab.interop.families.common import HFConfig
+from moelab.interop.keymap import hf_to_ours, ours_to_hf
+
+PathLike = Union[str, Path]
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# config: HF dict <-> our Config
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Imported:
+    """A translated HF config: our Config, the family, RoPE layout and notes for the user."""
+
+    config: Config
+    family: ModuleType
+    rope_interleave: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def family(name: str) -> ModuleType:
+    if name not in FAMILIES:
+        raise InteropError(f"unsupported family {name!r}: supported are {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def config_from_hf(hf: dict) -> Imported:
+    """Our Config from an HF config.json dict; errors name the HF field we cannot honour."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise InteropError(f"config.json: model_type = {model_type!r} is not supported "
+                           f"(supported: {', '.join(FAMILIES)})")
+    fam = FAMILIES[model_type]
+    reader = HFConfig(hf, model_type)
+    model = fam.model_from_hf(reader)
+    interleave = fam.rope_interleave(reader) if hasattr(fam, "rope_interleave") else False
+    notes = []
+    unread = reader.unread()
+    if unread:
+        notes.append(f"config.json fields not used (not known to change the computation): {', '.join(unread)}")
+    seq = min(128, model["max_seq_len"])
+    try:
+        cfg = from_dict(Config, {"model": model, "train": {"seq_len": seq}}).validate()
+    except ConfigError as e:
+        raise InteropError(f"config.json ({model_type}) maps to an invalid moelab config: {e}") from None
+    return Imported(cfg, fam, interleave, notes)
+
+
+def config_to_hf(m: ModelConfig, family_name: str, notes: Optional[list[str]] = None,
+                 dtype: torch.dtype = torch.float32) -> dict:
+    """The HF config.json dict of ``family_name`` for our model; refuses what it cannot express."""
+    fam = family(family_name)
+    notes = [] if notes is None else notes
+    body = fam.model_to_hf(m, notes)
+    return {"architectures": [fam.ARCHITECTURE], "model_type": fam.MODEL_TYPE,
+            "dtype": str(dtype).removeprefix("torch."), **body}
+
+
+def expected_state(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Our state-dict keys and shapes for ``cfg``, from a model built on the meta device (no memory)."""
+    from moelab.model.transformer import Transformer
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading an HF folder
+# ---------------------------------------------------------------------------------------------
+
+class Checkpoint:
+    """The tensors of an HF folder, memory-mapped: one ``model.safetensors`` or the shards named
+    by ``model.safetensors.index.json``. Tensors load one at a time on ``get``."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+        index = folder / HF_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InteropError(f"{index} is damaged: {e}") from None
+            files = sorted(set(weight_map.values()))
+        elif (folder / HF_WEIGHTS).is_file():
+            files, weight_map = [HF_WEIGHTS], None
+        else:
+            pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+            extra = f" (found {', '.join(sorted(pickles))}: pickle files are never loaded; convert them to " \
+                    "safetensors first)" if pickles else ""
+            raise InteropError(f"{folder} has no {HF_WEIGHTS} or {HF_INDEX}{extra}")
+        self.handles, self.where = {}, {}
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                raise InteropError(f"{index} names shard {name!r}, which is missing")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                keys = list(handle.keys())
+            except Exception as e:  # SafetensorError, OSError: truncated, empty or not safetensors
+                raise InteropError(f"{path} is damaged, truncated or not a safetensors file: {e}") from None
+            self.handles[name] = handle
+            for k in keys:
+                self.where[k] = name
+        if weight_map is not None:
+            lost = sorted(k for k, f in weight_map.items() if self.where.get(k) != f)
+            if lost:
+                raise InteropError(f"{index} lists tensors its shards do not hold: {lost[:5]}")
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self.handles[self.where[key]].get_tensor(key)
+        except Exception as e:
+            raise InteropError(f"{self.where[key]}: tensor {key!r} cannot be read (truncated file?): {e}") from None
+
+
+def read_hf_config(folder: PathLike) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InteropError(f"{str(folder)!r} is not a folder")
+    path = folder / HF_CONFIG
+    if not path.is_file():
+        raise InteropError(f"{str(folder)!r} is not a Hugging Face model folder (no {HF_CONFIG})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InteropError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InteropError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _mtp_keys(keys: set[str], n_layers: int) -> set[str]:
+    """Keys of layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction modules)."""
+    out = set()
+    for k in keys:
+        parts = k.split(".")
+        if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= n_layers:
+            out.add(k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# writing folders atomically
+# ---------------------------------------------------------------------------------------------
+
+class _Staging:
+    """A temp folder beside ``dest`` that becomes ``dest`` on success and vanishes on failure."""
+
+    def __init__(self, dest: PathLike):
+        self.dest = Path(dest)
+
+    def __enter__(self) -> Path:
+        if self.dest.exists() and (not self.dest.is_dir() or any(self.dest.iterdir())):
+            raise InteropError(f"{str(self.dest)!r} already exists and is not empty; choose a new --out")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.dest.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.dest.is_dir():          # an empty folder: replace it
+            self.dest.rmdir()
+        os.replace(self.tmp, self.dest)
+
+
+def _copy_tokenizer(src: Path, dst: Path, extras: bool) -> bool:
+    if not (src / TOKENIZER).is_file():
+        return False
+    shutil.copyfile(src / TOKENIZER, dst / TOKENIZER)
+    if extras:
+        for name in TOKENIZER_EXTRAS:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / name)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# folders
+# ---------------------------------------------------------------------------------------------
+
+def import_hf(hf_dir: PathLike, out_run: PathLike) -> list[str]:
+    """Convert an HF model folder into a moelab run folder. Returns notes for the user.
+
+    Tensors keep their stored dtype (bf16 stays bf16 on disk; ``moelab.load`` casts to the model's
+    dtype), so an import followed by an export reproduces every tensor bit for bit."""
+    from moelab.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_tensors, write_json
+    hf_dir = Path(hf_dir)
+    imported = config_from_hf(read_hf_config(hf_dir))
+    cfg, fam = imported.config, imported.family
+    ckpt = Checkpoint(hf_dir)
+    available = ckpt.keys()
+    notes = list(imported.notes)
+    mtp = _mtp_keys(available, cfg.model.n_layers)
+    if mtp and getattr(fam, "EXTRA_LAYERS_ARE_MTP", False):
+        notes.append(f"skipped {len(mtp)} tensors of multi-token-prediction layers (not run by transformers either)")
+        available -= mtp
+    state = hf_to_ours(fam.KEYMAP, cfg.model, expected_state(cfg.model), available, ckpt.get,
+                       rope_interleave=imported.rope_interleave)
+    with _Staging(out_run) as tmp:
+        write_json(tmp / CONFIG_FILE, cfg.to_dict())
+        save_tensors(tmp / WEIGHTS_FILE, state, {"format": "pt", "moelab": "1", "source": f"hf:{fam.MODEL_TYPE}"})
+        if not _copy_tokenizer(hf_dir, tmp, extras=False):
+            notes.append(f"{hf_dir} has no {TOKENIZER}; the run has no tokenizer")
+    return notes
+
+
+def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: str) -> list[str]:
+    """Write a moelab run as an HF folder of ``family_name`` (config.json, model.safetensors,
+    tokenizer.json when the run has one). Refuses models the family cannot express; returns notes
+    on what was dropped (training-only settings)."""
+    from moelab.train.checkpoint import (CheckpointError, WEIGHTS_FILE, load_tensors, read_config,
+                                         save_tensors, write_json)
+    run_dir = Path(run_dir)
+    fam = family(family_name)
+    try:
+        cfg = read_config(run_dir)
+        state = load_tensors(run_dir / WEIGHTS_FILE)
+    except CheckpointError as e:
+        raise InteropError(str(e)) from None
+    _check_state(state, expected_state(cfg.model), str(run_dir / WEIGHTS_FILE))
+    notes: list[str] = []
+    dtype = state["embed.weight"].dtype
+    hf_cfg = config_to_hf(cfg.model, family_name, notes, dtype)
+    tensors = ours_to_hf(fam.KEYMAP, cfg.model, state, rope_interleave=True)
+    with _Staging(out_dir) as tmp:
+        write_json(tmp / HF_CONFIG, hf_cfg)
+        save_tensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
+        if not _copy_tokenizer(run_dir, tmp, extras=True):
+            notes.append(f"{run_dir} has no {TOKENIZER}; the folder has no tokenizer")
+    return notes
+
+
+def _check_state(state: dict, expected: dict, source: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k])}"
+             for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        raise InteropError(f"{source} does not match its config: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# live models
+# ---------------------------------------------------------------------------------------------
+
+def to_transformers(model, family_name: str, *, attn_implementation: str = "sdpa",
+                    notes: Optional[list[str]] = None):
+    """A ``transformers`` model of ``family_name`` computing what ``model`` (a moelab Transformer)
+    computes: its config translated, weights copied (not shared) in the model's dtype, eval mode."""
+    import transformers
+    fam = family(family_name)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    dtype = state["embed.weight"].dtype
+    hf_dict = config_to_hf(model.config, family_name, notes, dtype)
+    hf_dict.pop("architectures")
+    hf_dict.pop("dtype")
+    hf_config = transformers.AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+    hf_model = transformers.AutoModelForCausalLM.from_config(
+        hf_config, attn_implementation=attn_implementation, dtype=dtype)
+    tensors = ours_to_hf(fam.KEYMAP, model.config, state, layout="module", rope_interleave=True)
+    if model.config.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    result = hf_model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise InteropError(f"transformers' {fam.ARCHITECTURE} does not match the converted weights: "
+                           f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return hf_model.to(next(model.parameters()).device).eval()
+
+
+def from_transformers(hf_model, notes: Optional[list[str]] = None):
+    """A moelab Transformer (eval mode) computing what the ``transformers`` model computes."""
+    from moelab.model.transformer import Transformer
+    from moelab.train.checkpoint import load_state_into
+    imported = config_from_hf(hf_model.config.to_dict())
+    if notes is not None:
+        notes.extend(imported.notes)
+    cfg = imported.config.model
+    hf_state = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    if cfg.tie_embeddings:
+        hf_state.pop("lm_head.weight", None)
+    state = hf_to_ours(imported.family.KEYMAP, cfg, expected_state(cfg), set(hf_state), hf_state.__getitem__,
+                       layout="module", rope_interleave=imported.rope_interleave)
+    model = Transformer(cfg)
+    load_state_into(model, state, f"transformers {type(hf_model).__name__}")
+    param = next(hf_model.parameters())
+    return model.to(device=param.device, dtype=param.dtype).eval()
