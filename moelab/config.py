@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -481,10 +480,6 @@ def load_toml(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
     return from_dict(Config, data)
-
-
-def load_json(path: str | Path) -> Config:
-    return from_dict(Config, json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def model_config(**overrides: Any) -> ModelConfig:

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from moelab.data.cache import write_text_atomic
+from moelab.fileio import write_text_atomic
 from moelab.data.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"

@@ -4,7 +4,7 @@ A split is one flat array ``doc0 <eos> doc1 <eos> ...``; batches are windows int
 written to ``<cache>/tokens/<name>.bin`` (raw little-endian ids) with a JSON sidecar holding
 dtype, length and the fingerprints it was made from. The sidecar is written last and is the
 commit mark: a ``.bin`` without a matching sidecar, or of the wrong size, is never trusted. Both
-go through :func:`moelab.data.cache.atomic_output`, so a killed run leaves no half file.
+go through :func:`moelab.fileio.atomic_output`, so a killed run leaves no half file.
 
 Ids are stored as ``uint16`` when the vocabulary fits (halving the cache and the page cache it
 occupies), else ``uint32``.
@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable, Optional
 import numpy as np
 from tokenizers import Tokenizer
 
-from moelab.data.cache import atomic_output, write_text_atomic
+from moelab.fileio import atomic_output, write_text_atomic
 
 FORMAT = "moelab-tokens-1"
 BATCH_BYTES = 1 << 20   # encode about 1 MB of text per encode_batch call: parallel, bounded memory

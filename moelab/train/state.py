@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moelab.train.checkpoint import (
-    WEIGHTS_FILE, CheckpointError, _fsync_dir, atomic_write, load_state_into, load_tensors,
+    WEIGHTS_FILE, CheckpointError, atomic_write, fsync_dir, load_state_into, load_tensors,
     model_state, save_tensors, write_json,
 )
 
@@ -80,11 +80,11 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: torc
     save_tensors(tmp / OPTIMIZER_FILE, opt)
     write_json(tmp / STATE_FILE, {"step": loop.step, "tokens": loop.tokens,
                                   "elapsed_s": loop.elapsed_s, "optimizer": meta})
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     # the run's top-level weights follow the newest checkpoint
     atomic_write(run_dir / WEIGHTS_FILE, lambda t: shutil.copyfile(final / WEIGHTS_FILE, t))
     for old in checkpoint_dirs(run_dir)[:-keep]:
