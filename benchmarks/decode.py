@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -106,6 +107,14 @@ def run_one(preset: str, batch: int, prompt_len: int, new: int, repeats: int, se
     }
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["mixtral"], choices=sorted(FAMILY))
@@ -121,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import transformers
     env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+           "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                      f"load average {os.getloadavg()[0]:.1f} at start",
            "torch": torch.__version__, "transformers": transformers.__version__,
            "command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"{env['date']}  torch {env['torch']}  transformers {env['transformers']}  "

@@ -56,7 +56,10 @@ class MoEConfig:
     top_k: int = 2
     expert_hidden: int = 512
     router: RouterKind = "softmax"
-    renormalize: bool = True          # renormalise the top-k weights to sum to one
+    # Renormalise the top-k weights to sum to one (Mixtral). Applies for top_k > 1 only: a top-1
+    # weight stays the router probability (Switch), since a constant 1 would give the router no
+    # gradient from the task loss.
+    renormalize: bool = True
     routed_scaling: float = 1.0       # DeepSeek routed_scaling_factor, applied to routed weights
     n_groups: int = 1                 # group-limited routing (DeepSeek-V2/V3); 1 = off
     topk_groups: int = 1

@@ -13,15 +13,18 @@ token's output depend on which other tokens share its batch (padding included) a
 would no longer equal recomputing the whole sequence. ``tests/test_generate.py`` checks the walk
 against ``Transformer.forward`` on the full sequence at every step.
 
-At batch 1 on CPU the decode step is dominated by per-op overhead, not FLOPs, so a MoE layer that
-sees one token runs just its K chosen experts (``_one_token_experts``) instead of dispatching over
-all E; see benchmarks/decode.py.
+At batch 1 on CPU a decode step is a few dozen small matmuls, bound by reading the weights, plus
+hundreds of tiny ops whose dispatch overhead costs about as much again. So a MoE layer that sees
+one token runs just its K chosen experts (``_one_token_experts``) instead of sorting and looping
+over all E, and ``compile=True`` fuses most of the rest (``_decode_step``); benchmarks/decode.py
+measures both against Hugging Face ``generate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.config import ConfigError
-from moelab.model.moe.dispatch import permute, plan_dispatch, unpermute
+from moelab.model.moe.dispatch import plan_dispatch
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
@@ -143,7 +146,7 @@ def moe_infer(moe: "MoE", x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         out_ND = _one_token_experts(moe, x_ND, routing.ids_NK, routing.weights_NK)
     else:
         plan = plan_dispatch(routing, moe.num_experts)                           # dropless
-        out_ND = unpermute(moe.experts(permute(x_ND, plan), plan.counts_E), plan)
+        out_ND = moe.experts.forward_dispatched(x_ND, plan)                      # as MoE.forward
     if moe.shared is not None:
         shared_ND = moe.shared(x_ND)
         if moe.shared_gate is not None:
@@ -186,52 +189,39 @@ def decode_one(model: "Transformer", tokens_B: torch.Tensor,
     return _forward_last(model, tokens_B.view(-1, 1), cache)
 
 
-_COMPILED: dict[str, Any] = {}
-
-
-def compiled_decode_one():
-    """``decode_one`` under ``torch.compile`` (inductor; built once per process, on first use).
-
-    On CPU this fuses the small element-wise ops that dominate a batch-1 step (about 1.5x faster
-    in benchmarks/decode.py). ``dynamic=True`` keeps the cache position symbolic so one graph
-    serves every step, and ``capture_scalar_outputs`` lets the chosen expert ids flow into the
-    graph instead of breaking it. Returns None when compilation is unavailable or fails; the
-    caller then stays eager.
-    """
-    if "decode_one" not in _COMPILED:
-        try:
-            fn = torch.compile(decode_one, dynamic=True)
-        except Exception:  # noqa: BLE001 - e.g. a platform without dynamo: stay eager
-            fn = None
-        _COMPILED["decode_one"] = fn
-    fn = _COMPILED["decode_one"]
-    if fn is None:
-        return None
-
-    def run(model, tokens_B, cache):
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            return fn(model, tokens_B, cache)
-    return run
+_compiled_decode: Any = None     # torch.compile(decode_one), built on first use; False once it failed
 
 
 def _decode_step(compile: bool):
-    """The decode function to use: compiled when asked and it works, else eager."""
-    fn = compiled_decode_one() if compile else None
-    if fn is None:
-        return decode_one
+    """``decode_one``, under ``torch.compile`` when asked.
 
-    def guarded(model, tokens_B, cache):
-        nonlocal fn
-        if fn is not None:
+    On CPU, compiling fuses the small element-wise ops that dominate a batch-1 step, and the C++
+    wrapper drops the Python call per kernel (1.5-2x faster in benchmarks/decode.py).
+    ``dynamic=True`` keeps the cache position symbolic so one graph serves every step, and
+    ``capture_scalar_outputs`` lets the chosen expert ids flow into the graph instead of breaking
+    it. Callers ask only at batch 1 or for a dense model: with several rows a MoE layer's dispatch
+    sizes depend on the routing and would recompile. If compiling fails (no C++ compiler, an
+    unsupported platform), a warning says so and generation goes on eagerly.
+    """
+    global _compiled_decode
+    if not compile or _compiled_decode is False:
+        return decode_one
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(decode_one, dynamic=True, options={"cpp_wrapper": True})
+    compiled = _compiled_decode
+
+    def step(model: "Transformer", tokens_B: torch.Tensor, cache: "Cache"):
+        global _compiled_decode
+        if _compiled_decode is not False:
             pos = cache.pos
             try:
-                return fn(model, tokens_B, cache)
-            except Exception as e:  # noqa: BLE001 - compilation failed: degrade to eager
-                import warnings
-                warnings.warn(f"torch.compile of the decode step failed, running eagerly: {e}")
-                _COMPILED["decode_one"], fn, cache.pos = None, None, pos
+                with torch._dynamo.config.patch(capture_scalar_outputs=True):
+                    return compiled(model, tokens_B, cache)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: degrade to eager
+                warnings.warn(f"torch.compile of the decode step failed; running eagerly: {e}")
+                _compiled_decode, cache.pos = False, pos
         return decode_one(model, tokens_B, cache)
-    return guarded
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +309,9 @@ class TextStream:
         return delta
 
     def _held_back(self, full: str) -> int:
-        if full.endswith("\ufffd"):               # a character split across tokens
-            return 1
+        partial = len(full) - len(full.rstrip("\ufffd"))   # a character split across tokens
+        if partial:
+            return partial
         return max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if full.endswith(s[:n])),
                    default=0)
 
@@ -417,7 +408,7 @@ def stream(model: "Transformer", prompts: Prompts, options: Optional[SamplingOpt
     Prompts of different lengths are left-padded into one batch (``Cache(pad_B=...)``). A row
     finishes at a stop token, a stop string, ``max_new_tokens`` or the end of the context; the
     loop ends when every row has. The model runs in eval mode meanwhile (restored afterwards).
-    ``compile=True`` runs the decode step under ``torch.compile`` (see ``compiled_decode_one``).
+    ``compile=True`` runs the decode step under ``torch.compile`` (see ``_decode_step``).
     """
     opts = sampling_options(options, **kwargs)
     if opts.stop and tokenizer is None:
@@ -427,6 +418,7 @@ def stream(model: "Transformer", prompts: Prompts, options: Optional[SamplingOpt
     was_training = model.training
     model.eval()
     try:
+        compile = compile and (len(rows) == 1 or not model.moe_layers())
         yield from _decode_n(model, rows, opts, tokenizer, trace_experts, _decode_step(compile))
     finally:
         model.train(was_training)

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--show-experts", action="store_true",
                    help="print, for each new token, the experts it went to in each MoE layer")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow first call, faster tokens at batch 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end, no streaming")
     p.set_defaults(func=run)
 
@@ -84,7 +86,8 @@ def run(args) -> int:
     text, experts, reason = "", [], "length"
     start = time.perf_counter()
     try:
-        for step in stream(model, prompt, opts, tokenizer=tokenizer, trace_experts=trace):
+        for step in stream(model, prompt, opts, tokenizer=tokenizer, trace_experts=trace,
+                           compile=args.compile):
             token = step.tokens[0]
             if token is None:
                 break

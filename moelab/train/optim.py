@@ -12,7 +12,15 @@ from moelab.config import TrainConfig
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices (including stacked expert weights), none on norms, biases and the
-    embedding table, as in GPT-2/3 practice. Fused/foreach implementations are left to torch."""
+    embedding table, as in GPT-2/3 practice.
+
+    The fused AdamW kernel is asked for explicitly: on CPU torch otherwise picks the per-parameter
+    for-loop, about eight elementwise passes over every parameter per step, which took ~12% of a
+    ``mixtral`` training step on 2 CPU cores (benchmarks/RESULTS.md, training throughput); the
+    fused kernel makes one pass. Hugging Face's Trainer defaults to it too (``adamw_torch_fused``).
+    Where torch refuses it (a device or dtype without the kernel) we fall back to torch's choice.
+    A resumed run takes the implementation recorded in its checkpoint's param groups, so runs
+    saved before this change continue bit for bit with the for-loop they started with."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -20,7 +28,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    options = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, **options)
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:

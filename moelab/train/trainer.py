@@ -167,6 +167,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
         model.load_state_dict(source.state_dict())
         logger.info(f"initialised weights from {init_from}")
     model.train()
+    if t_cfg.compile:
+        from moelab.train.compile import compile_dense_parts
+        if compile_dense_parts(model, logger.warn):
+            logger.info("train.compile: attention and norms compiled (MoE layers stay eager)")
     optimizer = build_optimizer(model, t_cfg)
     loop = LoopState()
     if ckpt_data is not None:

@@ -14,20 +14,23 @@ memory-hungry here:
 - autograd would save the gathered (M, D) rows, the (M, H) activation and the (M, D) expert
   output. The function saves only the (M, 2H) gate/up pre-activation (as a dense SwiGLU does) and
   the indices; in the backward it re-gathers rows from ``x``, recomputes silu, and gets the
-  routing-weight gradient as <dL/d(h w), h> instead of saving the expert output (the same
-  recompute-over-store trade as MegaBlocks' and ScatterMoE's fused expert kernels).
+  routing-weight gradient as <dL/d(h w), h> instead of saving the expert output. (ScatterMoE,
+  Tan et al. 2024, likewise avoids materialising the gathered copy of the input.)
 
-Two GEMM engines run the per-expert products:
-- "grouped_mm": ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm`` on torch 2.9), one
-  kernel per GEMM with the per-expert offsets kept on the device, so the dropless path never
-  synchronises with the host. The default on CUDA.
-- "loop": one ``torch.mm`` per non-empty expert writing into a slice of a preallocated buffer (a
-  loop over experts, never over tokens). On CPU it beats the CPU grouped_mm kernel (measured in
-  benchmarks/RESULTS.md), and it processes the rows in tiles of consecutive experts, so gathered
-  rows and elementwise temporaries stay tile-sized (cache-friendly, low peak memory). The default
-  on CPU and the fallback wherever grouped_mm is missing or the shapes break its 16-byte stride
-  rule.
-``naive_expert`` is the per-token reference the tests compare both against.
+Three GEMM engines run the per-expert products:
+- "grouped_mm" backend: ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm`` on torch
+  2.9), one kernel per GEMM with the per-expert offsets kept on the device, so the dropless path
+  never synchronises with the host. The default on CUDA.
+- "loop" backend, plain: one ``torch.mm`` per non-empty expert writing into a slice of a
+  preallocated buffer (a loop over experts, never over tokens), over tiles of consecutive experts
+  so that gathered rows and elementwise temporaries stay tile-sized (cache-friendly, low peak
+  memory). On CPU it beats the CPU grouped_mm kernel, which also loops over experts.
+- "loop" backend, padded: when padding every expert to the busiest one's rows wastes little
+  (``padded_layout``), each GEMM of a tile is one ``bmm``. Fewer, larger ops matter with several
+  threads, where every op ends in a barrier (see ``GroupedExperts.padding``).
+The loop backend is the CPU default and the fallback wherever grouped_mm is missing or the
+shapes break its 16-byte stride rule.
+``naive_expert`` is the per-token reference the tests compare every engine against.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ BACKENDS = ("auto", "grouped_mm", "loop")
 # larger. 2048 rows of D=512 fp32 is 4 MiB, and fewer, larger elementwise ops amortise the Python
 # overhead of fine-grained experts (measured: benchmarks/moe_layer.py).
 TILE_ROWS = 2048
+# The padded engine (see ``padded_dispatch``): used when padding every expert to the busiest
+# one's row count costs at most this factor in rows, with tiles of about PAD_TILE_ROWS slots.
+PAD_MAX_WASTE = 1.25
+# Padded tiles hold about this many elements of (R, D + 2H) per buffer kind (24 MiB fp32): larger
+# tiles mean fewer ops, smaller ones a lower peak (the budget keeps issue 8's memory target).
+PAD_TILE_ELEMS = 6 * 2**20
 
 
 def default_backend(device: torch.device) -> str:
@@ -76,12 +85,14 @@ class Tile:
 
     Loop engine: ``segments`` lists (expert, s, t) with rows [s, t) relative to ``start``, only
     for experts that received rows. Grouped engine: one tile over all rows, ``offs`` (E,) int32
-    holds each expert's cumulative end row on the device."""
+    holds each expert's cumulative end row on the device. Padded engine: ``experts`` (e0, e1),
+    every expert with the same number of rows, so each GEMM is one ``bmm``."""
 
     start: int
     end: int
     segments: list[tuple[int, int, int]]
     offs: Optional[torch.Tensor] = None
+    experts: Optional[tuple[int, int]] = None   # padded engine: experts [e0, e1), equal rows each
 
 
 def loop_tiles(counts_E: torch.Tensor, rows: Optional[int] = None) -> list[Tile]:
@@ -110,6 +121,55 @@ def grouped_tiles(counts_E: torch.Tensor, num_rows: int) -> list[Tile]:
     return [Tile(0, num_rows, [], torch.cumsum(counts_E, 0, dtype=torch.int32))]
 
 
+def padded_layout(counts: list[int], num_rows: int, row_elems: int = 1, max_waste: Optional[float] = None,
+                  tile_rows: Optional[int] = None) -> Optional[tuple[int, list[Tile]]]:
+    """Capacity C = the busiest expert's rows, if E * C <= max_waste * M: then every expert gets
+    C row slots (the GShard/Switch capacity layout, but dropless since C is the maximum) and each
+    GEMM of a tile of experts is one ``bmm``. Tiles hold whole experts and about ``tile_rows``
+    slots (default: ``PAD_TILE_ELEMS`` // ``row_elems``). Returns (C, tiles) or None.
+
+    Why: the loop engine issues one GEMM per expert, and each multithreaded op is a parallel
+    region; on a CPU shared with other jobs a region can wait a whole scheduler tick for a
+    descheduled worker, so 6 GEMMs x 128 experts cost far more than 6 bmm calls per tile
+    (measured: benchmarks/RESULTS.md). Padding rows cost FLOPs, hence the waste bound."""
+    max_waste = PAD_MAX_WASTE if max_waste is None else max_waste
+    tile_rows = PAD_TILE_ELEMS // row_elems if tile_rows is None else tile_rows
+    E, C = len(counts), max(counts, default=0)
+    if C == 0 or E * C > max_waste * num_rows:
+        return None
+    per_tile = max(1, tile_rows // C)
+    tiles = []
+    for e0 in range(0, E, per_tile):
+        e1 = min(E, e0 + per_tile)
+        tiles.append(Tile(e0 * C, e1 * C, [(e, (e - e0) * C, (e - e0 + 1) * C) for e in range(e0, e1)],
+                          experts=(e0, e1)))
+    return C, tiles
+
+
+def pad_rows(rows: "RowMap", weight_M: torch.Tensor, counts_E: torch.Tensor, capacity: int,
+             token_idx_M: torch.Tensor) -> tuple["RowMap", torch.Tensor]:
+    """The fused path's RowMap and combine weights moved to the padded layout: expert e's j-th
+    row goes to slot e * C + j. Padding slots read token 0 with weight 0 (so they add nothing to
+    outputs or weight gradients) and write to the trash row. ``weight_S`` is built with a
+    differentiable ``index_copy``, so autograd routes its gradient back to ``weight_M``."""
+    E, M, C = counts_E.shape[0], token_idx_M.shape[0], capacity
+    device = token_idx_M.device
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    expert_M = torch.repeat_interleave(torch.arange(E, device=device), counts_E, output_size=M)
+    slot_M = expert_M * C + torch.arange(M, device=device) - starts_E[expert_M]     # (M,)
+    S = E * C
+
+    def spread(values_M: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.full((S,), fill, dtype=values_M.dtype, device=device).index_copy_(0, slot_M, values_M)
+
+    trash = rows.num_tokens * rows.top_k if rows.slot_M is not None else rows.num_tokens
+    padded = RowMap(source_M=spread(token_idx_M, 0), num_tokens=rows.num_tokens, top_k=rows.top_k,
+                    slot_M=None if rows.slot_M is None else spread(rows.slot_M, trash),
+                    target_M=spread(token_idx_M, rows.num_tokens))
+    weight_S = weight_M.new_zeros(S).index_copy(0, slot_M, weight_M)
+    return padded, weight_S
+
+
 def _rows_mm(a_RX: torch.Tensor, w_EYX: torch.Tensor, tile: Tile, transpose: bool,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Row-wise products: a[s:t] @ w[e].T (transpose) or a[s:t] @ w[e], per expert. (R, Y).
@@ -119,6 +179,10 @@ def _rows_mm(a_RX: torch.Tensor, w_EYX: torch.Tensor, tile: Tile, transpose: boo
         return _GROUPED_MM(a_RX, w, offs=tile.offs)
     if out is None:
         out = a_RX.new_empty(a_RX.shape[0], w.shape[2])
+    if tile.experts is not None:
+        e0, e1 = tile.experts
+        torch.bmm(a_RX.view(e1 - e0, -1, a_RX.shape[1]), w[e0:e1], out=out.view(e1 - e0, -1, w.shape[2]))
+        return out
     for e, s, t in tile.segments:
         torch.mm(a_RX[s:t], w[e], out=out[s:t])
     return out
@@ -135,6 +199,11 @@ def _weights_mm(a_RY: torch.Tensor, b_RX: torch.Tensor, tile: Tile,
         out = _GROUPED_MM(a_RY.t(), b_RX, offs=tile.offs)
         counts_E = torch.diff(tile.offs, prepend=tile.offs.new_zeros(1))
         return out.masked_fill_((counts_E == 0).view(-1, 1, 1), 0.0)
+    if tile.experts is not None:
+        e0, e1 = tile.experts
+        torch.bmm(a_RY.view(e1 - e0, -1, a_RY.shape[1]).transpose(1, 2),
+                  b_RX.view(e1 - e0, -1, b_RX.shape[1]), out=out_EYX[e0:e1])
+        return out_EYX
     for e, s, t in tile.segments:
         torch.mm(a_RY[s:t].t(), b_RX[s:t], out=out_EYX[e])
     return out_EYX
@@ -164,17 +233,20 @@ class RowMap:
 
     ``source_M`` None: the input already is the (M, D) sorted rows and the output is (M, D)
     (the unfused ``permute -> experts -> unpermute`` path, where expert parallelism will put its
-    all-to-all). Otherwise row m reads token ``source_M[m]`` of the (N, D) input, is scaled by
-    ``weight_M[m]`` and added back to that token. ``slot_M`` (the flat n*K + k assignment of each
+    all-to-all). Otherwise row m reads token ``source_M[m]`` of the (N, D) input and its output,
+    scaled by the row's combine weight, is added back to that token. ``slot_M`` (the flat n*K + k assignment of each
     row) selects the deterministic combine: rows are written to their own (N*K, D) slot and summed
-    over K in a fixed order, instead of ``index_add_``, whose CUDA atomics add in a random order.
+    over K in a fixed order, instead of an accumulating scatter, whose order of additions may
+    vary from run to run on CUDA.
     """
 
     source_M: Optional[torch.Tensor] = None
-    weight_M: Optional[torch.Tensor] = None
     num_tokens: int = 0
     slot_M: Optional[torch.Tensor] = None
     top_k: int = 1
+    # padded engine: where each row's output goes (padding rows -> one extra "trash" row that
+    # ``finish`` drops); None = back to ``source_M``
+    target_M: Optional[torch.Tensor] = None
 
     def gather(self, x: torch.Tensor, tile: Tile) -> torch.Tensor:
         """Rows of the tile: (R, D), a copy when fused, a view otherwise."""
@@ -183,11 +255,12 @@ class RowMap:
         return x.index_select(0, self.source_M[tile.start:tile.end])
 
     def new_output(self, like: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Zeroed accumulator: (N, D), (N*K, D) slots, or (M, D) sorted rows."""
+        """Accumulator: zeroed (N, D) or (N*K, D) slots (tokens or slots may get no row), or
+        (M, D) sorted rows, each of which a tile writes."""
         if self.source_M is None:
-            return like.new_zeros(num_rows, like.shape[1])
+            return like.new_empty(num_rows, like.shape[1])
         rows = self.num_tokens * self.top_k if self.slot_M is not None else self.num_tokens
-        return like.new_zeros(rows, like.shape[1])
+        return like.new_zeros(rows + (self.target_M is not None), like.shape[1])
 
     def scatter(self, acc: torch.Tensor, y_RD: torch.Tensor, tile: Tile) -> None:
         if self.source_M is None:
@@ -195,9 +268,15 @@ class RowMap:
         elif self.slot_M is not None:
             acc.index_copy_(0, self.slot_M[tile.start:tile.end], y_RD)
         else:
-            acc.index_add_(0, self.source_M[tile.start:tile.end], y_RD)
+            # not index_add_: on CPU it sorts the expanded index in a dozen parallel regions
+            # (85 ms instead of 1 ms for 2048 rows on our shared 2-core box); the accumulating
+            # index_put_ is one serial pass on CPU and a sort-based kernel on CUDA
+            target = self.source_M if self.target_M is None else self.target_M
+            acc.index_put_((target[tile.start:tile.end],), y_RD, accumulate=True)
 
     def finish(self, acc: torch.Tensor) -> torch.Tensor:
+        if self.target_M is not None:
+            acc = acc[:-1]                                                    # the trash row
         if self.source_M is not None and self.slot_M is not None:
             return acc.view(self.num_tokens, self.top_k, -1).sum(dim=1)       # (N, D)
         return acc
@@ -261,7 +340,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 h_RH.mul_(w_R1)
                 dh_RH.mul_(w_R1)
             grad_w_down = _weights_mm(dy_RD, h_RH, tile, grad_w_down)             # (E, D, H)
-            del h_RH
+            del h_RH, dy_RD                                   # free before the next (R, D) buffers
             dgate_up = torch.empty_like(gate_up_M2H[tile.start:tile.end])         # (R, 2H)
             torch.ops.aten.silu_backward(dh_RH * up, gate, grad_input=dgate_up[:, :H])
             torch.mul(dh_RH, silu_RH, out=dgate_up[:, H:])
@@ -285,8 +364,8 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts as two stacked weights.
 
     ``backend``: "auto" (grouped_mm on CUDA, loop on CPU), "grouped_mm" or "loop".
-    ``deterministic``: combine by fixed-order sums instead of ``index_add_`` (whose CUDA atomics
-    make the sum order vary run to run); None follows ``torch.use_deterministic_algorithms``.
+    ``deterministic``: combine by fixed-order sums instead of an accumulating scatter (whose
+    order of additions may vary on CUDA); None follows ``torch.use_deterministic_algorithms``.
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, backend: str = "auto",
@@ -297,6 +376,11 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
         self.backend = backend
         self.deterministic = deterministic
+        # loop backend: use the padded (bmm) layout when it is cheap (``padded_layout``)? None =
+        # when torch runs ops on more than one thread: single-threaded, no op has a barrier and
+        # the unpadded loop is faster (measured 1.18x vs 1.42x dense at E=64, K=8, 1 thread;
+        # 5.4x vs 2.7x at 2 threads on a shared 2-core box)
+        self.padding: Optional[bool] = None
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_model, hidden))
 
@@ -340,8 +424,20 @@ class GroupedExperts(nn.Module):
             deterministic = torch.are_deterministic_algorithms_enabled()
         rows = RowMap(source_M=plan.token_idx_M, num_tokens=plan.num_tokens, top_k=plan.top_k,
                       slot_M=plan.assign_idx_M if deterministic else None)
-        return _GroupedSwiGLU.apply(x_ND, w_gate_up, w_down, plan.weight_M, rows,
-                                    self._tiles(x_ND, plan.counts_E, M), M)
+        weight_M = plan.weight_M
+        if self.resolved_backend(x_ND) == "grouped_mm":
+            tiles = grouped_tiles(plan.counts_E, M)
+        else:
+            counts = plan.counts_E.tolist()
+            padding = torch.get_num_threads() > 1 if self.padding is None else self.padding
+            padded = padded_layout(counts, M, self.d_model + 2 * self.hidden) if padding else None
+            if padded is None:
+                tiles = loop_tiles(plan.counts_E)
+            else:
+                C, tiles = padded
+                rows, weight_M = pad_rows(rows, weight_M, plan.counts_E, C, plan.token_idx_M)
+                M = tiles[-1].end
+        return _GroupedSwiGLU.apply(x_ND, w_gate_up, w_down, weight_M, rows, tiles, M)
 
     def naive_expert(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to one token, written plainly: the reference for tests."""

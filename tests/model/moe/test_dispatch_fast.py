@@ -45,14 +45,18 @@ def _run(layer, x, g):
     return out, _grads(layer, x, out, g)
 
 
-@pytest.mark.parametrize("options,tile_rows,deterministic",
-                         list(itertools.product(OPTIONS, [1, 5, 10_000], [False, True])))
-def test_loop_engine_matches_reference(monkeypatch, options, tile_rows, deterministic):
-    """float64, every tiling (one expert per tile, several, all in one) and both combines equal
-    the per-token reference, forward and all gradients (router, experts, shared, input)."""
+@pytest.mark.parametrize("options,engine,tile_rows,deterministic",
+                         list(itertools.product(OPTIONS, ["loop", "padded"], [1, 5, 10_000], [False, True])))
+def test_cpu_engines_match_reference(monkeypatch, options, engine, tile_rows, deterministic):
+    """float64, the loop and padded (bmm) engines, every tiling (one expert per tile, several,
+    all in one) and both combines equal the per-token reference, forward and all gradients
+    (router, experts, shared, input)."""
     monkeypatch.setattr(experts_mod, "TILE_ROWS", tile_rows)
+    monkeypatch.setattr(experts_mod, "PAD_TILE_ELEMS", tile_rows * (16 + 2 * 12))
+    monkeypatch.setattr(experts_mod, "PAD_MAX_WASTE", 1e9)       # pad whenever allowed
     layer = _layer(**options)
     layer.experts.backend, layer.experts.deterministic = "loop", deterministic
+    layer.experts.padding = engine == "padded"
     for shape in [(3, 5, 16), (6, 16), (1, 16)]:           # few tokens: some experts get none
         x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         g = torch.randn(*shape, dtype=torch.float64)
@@ -165,6 +169,36 @@ def test_bf16_autocast_runs_grouped_engine_close_to_fp32():
     out.float().sum().backward()
     assert layer.experts.w_gate_up.grad.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.02)
+
+
+def test_padded_layout_only_when_cheap_and_tiles_whole_experts():
+    assert experts_mod.padded_layout([4, 5, 3, 4], 16, max_waste=1.25, tile_rows=10) == (5, [
+        Tile(0, 10, [(0, 0, 5), (1, 5, 10)], experts=(0, 2)),
+        Tile(10, 20, [(2, 0, 5), (3, 5, 10)], experts=(2, 4)),
+    ])
+    assert experts_mod.padded_layout([9, 1, 1, 1], 12, max_waste=1.25) is None   # 36 slots > 15
+    assert experts_mod.padded_layout([0, 0], 0) is None
+
+
+def test_padded_engine_is_used_for_balanced_loads_when_multithreaded(monkeypatch):
+    calls = []
+    monkeypatch.setattr(experts_mod, "pad_rows", lambda *args: _record(calls, *args))
+    layer = _layer(num_experts=2, top_k=2)            # top-2 of 2: perfectly balanced
+    x = torch.randn(10, 16, dtype=torch.float64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    layer(x)
+    assert not calls                                  # one thread: the plain loop
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    torch.testing.assert_close(layer(x).output, layer.reference_forward(x))
+    assert calls
+
+
+_pad_rows = experts_mod.pad_rows
+
+
+def _record(calls, *args):
+    calls.append(1)
+    return _pad_rows(*args)
 
 
 def test_loop_tiles_cut_whole_experts_and_skip_empty_ones():
