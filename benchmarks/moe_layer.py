@@ -44,8 +44,7 @@ def main() -> None:
         r = measure(shape, rounds=args.rounds, device=args.device, dtype=getattr(torch, args.dtype),
                     memory=not args.no_memory)
         results.append(r)
-        print(format_table([r]).splitlines()[-2 if len(r["modes"]) == 2 else -1] if False else
-              format_table([r]), flush=True)
+        print(format_table([r]), flush=True)           # progress: one shape at a time
     print("\n" + format_table(results))
     if args.json:
         write_json(args.json, {"environment": env, "results": results})
