@@ -376,10 +376,11 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
         self.backend = backend
         self.deterministic = deterministic
-        # loop backend: use the padded (bmm) layout when it is cheap (``padded_layout``)? None =
-        # when torch runs ops on more than one thread: single-threaded, no op has a barrier and
-        # the unpadded loop is faster (measured 1.18x vs 1.42x dense at E=64, K=8, 1 thread;
-        # 5.4x vs 2.7x at 2 threads on a shared 2-core box)
+        # loop backend: use the padded (bmm) layout when it is cheap (``padded_layout``)? It pays
+        # only where every multithreaded op waits on preempted threads (an oversubscribed box:
+        # 5.4x -> 2.7x dense at E=64, K=8, 2 threads under load); on an idle 2-core machine the
+        # unpadded loop is faster (1.52x vs 1.81x dense at E=64, K=8; 1.95x vs 2.32x at E=128,
+        # K=16, 2 threads), so it is opt-in. None = off.
         self.padding: Optional[bool] = None
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_model, hidden))
@@ -429,7 +430,7 @@ class GroupedExperts(nn.Module):
             tiles = grouped_tiles(plan.counts_E, M)
         else:
             counts = plan.counts_E.tolist()
-            padding = torch.get_num_threads() > 1 if self.padding is None else self.padding
+            padding = bool(self.padding)
             padded = padded_layout(counts, M, self.d_model + 2 * self.hidden) if padding else None
             if padded is None:
                 tiles = loop_tiles(plan.counts_E)

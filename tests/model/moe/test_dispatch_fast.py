@@ -180,15 +180,15 @@ def test_padded_layout_only_when_cheap_and_tiles_whole_experts():
     assert experts_mod.padded_layout([0, 0], 0) is None
 
 
-def test_padded_engine_is_used_for_balanced_loads_when_multithreaded(monkeypatch):
+def test_padded_engine_is_opt_in_and_used_for_balanced_loads(monkeypatch):
     calls = []
     monkeypatch.setattr(experts_mod, "pad_rows", lambda *args: _record(calls, *args))
     layer = _layer(num_experts=2, top_k=2)            # top-2 of 2: perfectly balanced
     x = torch.randn(10, 16, dtype=torch.float64)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    layer(x)
-    assert not calls                                  # one thread: the plain loop
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    layer(x)
+    assert not calls                                  # default: the plain loop, any thread count
+    layer.experts.padding = True
     torch.testing.assert_close(layer(x).output, layer.reference_forward(x))
     assert calls
 
