@@ -100,7 +100,7 @@ def test_budget_parsing_and_helpers():
     assert parse_budget("10m").seconds == 600 and parse_budget("90s").seconds == 90
     assert parse_budget("2M").tokens == 2_000_000 and parse_budget("500k").tokens == 500_000
     assert parse_budget("12345").tokens == 12345
-    assert count_spikes([1.0] * 20 + [1.2] + [1.0] * 5) == 1
-    assert count_spikes([1.0] * 20 + [1.05]) == 0
+    assert count_spikes([1.0] * 20 + [1.3] + [1.0] * 5) == 1
+    assert count_spikes([1.0] * 20 + [1.2]) == 0
     assert interpolate([0, 10], [4.0, 2.0], 5) == pytest.approx(3.0)
     assert interpolate([0, 10], [4.0, 2.0], 11) is None

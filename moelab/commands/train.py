@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moelab.train.checkpoint import CheckpointError, read_config
+    from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError, read_config
     from moelab.train.state import checkpoint_dirs
     from moelab.train.trainer import TrainingError, resume_config, train
 
@@ -45,8 +46,14 @@ def run(args) -> int:
             args.overrides = overrides
             cfg = config_from_args(args)
             if args.init_from:
+                # the weights come with their model config and, unless data.tokenizer says
+                # otherwise, their tokenizer: token ids must mean what the embeddings learned
                 source = read_config(args.init_from)
-                cfg = type(cfg)(model=source.model, train=cfg.train, data=cfg.data).validate()
+                data = cfg.data
+                tokenizer = Path(args.init_from) / TOKENIZER_FILE
+                if data.tokenizer is None and tokenizer.is_file():
+                    data = dataclasses.replace(data, tokenizer=str(tokenizer))
+                cfg = type(cfg)(model=source.model, train=cfg.train, data=data).validate()
             name = args.preset or (Path(args.config).stem if args.config else "model")
             run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             if checkpoint_dirs(run_dir):

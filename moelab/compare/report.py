@@ -92,7 +92,8 @@ Machine: {payload['machine']} ({payload['device']}), torch {payload['torch']}.
 Loss is validation cross-entropy in nats/token on held-out documents. "Loss @ equal time" is
 interpolated at {payload['equal_time_s']:.0f} s of training (the shortest run). Peak memory is
 measured ({results[0].__dict__.get('memory_method', 'peak RSS above the pre-model level on CPU, allocator peak on CUDA')})
-with the analytic estimate (weights + gradients + AdamW + activations) in brackets. Router statistics
+with the analytic estimate (weights + gradients + AdamW + activations) in brackets; on CPU the
+measured figure also holds PyTorch's own runtime buffers (a roughly constant 200+ MiB). Router statistics
 are averaged over MoE layers and the last quarter of training. A spike is a step whose loss exceeds
 {payload['spike_rule'].split('loss > ')[1]}.
 

@@ -20,7 +20,7 @@ from moelab.train.checkpoint import write_json
 from moelab.train.state import checkpoint_dirs
 
 DEFAULT_MODELS = ("dense", "moe", "hybrid")
-DEFAULT_BUDGET = "400k"
+DEFAULT_BUDGET = "1M"     # ~9 minutes for the three default models on an idle 2-core CPU
 PLAN_FILE = "compare.json"
 HUGE_STEPS = 100_000_000
 

@@ -184,3 +184,23 @@ def test_eval_command_json(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["val_loss"] > 0 and result["perplexity"] == pytest.approx(2.718281828 ** result["val_loss"], rel=1e-6)
     assert main(["eval", str(tmp_path / "nope")]) == 2
+
+
+def test_init_from_keeps_the_source_runs_tokenizer(tmp_path):
+    """Fine-tuning must tokenise with the tokenizer the weights were trained with."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    src = tmp_path / "src"
+    train(_cfg("dense", "train.max_steps=1", "train.save_every=1"), src, show_progress=False, log=lambda m: None)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["zebra quokka " * 200], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]))
+    tok.save(str(src / "tokenizer.json"))
+    out = tmp_path / "ft"
+    args = ["train", "--init-from", str(src), "--out", str(out), "--no-progress"]
+    for s in TINY + ["train.max_steps=1", "train.save_every=1"]:
+        if not s.startswith("model."):
+            args += ["--set", s]
+    assert main(args) == 0
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab() == tok.get_vocab()
