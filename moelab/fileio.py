@@ -28,15 +28,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` (for writers that want a path, like safetensors), fsync the
-    result and rename it over ``path``. If ``write`` raises, ``path`` is untouched."""
+@contextmanager
+def _replace_on_success(path: str | Path) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; when the block finishes, fsync it and rename it
+    over ``path``. If the block raises, the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,23 +48,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` (for writers that want a path, like safetensors), then publish the
+    result as ``path`` atomically."""
+    with _replace_on_success(path) as tmp:
+        write(tmp)
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file that becomes ``path`` only if the ``with`` block finishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(path.parent)
+    with _replace_on_success(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
