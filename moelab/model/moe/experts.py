@@ -38,6 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -223,6 +225,62 @@ def _weight_grad_buffer(w_EYX: torch.Tensor, tiles: list[Tile]) -> Optional[torc
     return grad
 
 
+# Below this many rows the loop engine stays on the calling thread: thread start-up and the extra
+# accumulator would cost more than they save.
+PARALLEL_MIN_ROWS = 4096
+
+
+def thread_groups(tiles: list[Tile], x: torch.Tensor) -> list[list[Tile]]:
+    """Split the loop engine's tiles into one group per intra-op thread, balanced by rows.
+
+    Why: a fine-grained expert's GEMM is small, and splitting each one across the intra-op
+    threads ends every op in a barrier; running whole experts side by side, one thread each,
+    keeps every core busy on its own GEMMs (measured in benchmarks/moe_layer.py). Tiles hold
+    whole experts, so groups write disjoint weight-gradient slices; only the token accumulators
+    are shared, and each group gets its own."""
+    threads = torch.get_num_threads()
+    # autocast state is thread-local too: under CPU autocast, stay on the calling thread
+    if (threads < 2 or x.device.type != "cpu" or len(tiles) < 2 or tiles[0].offs is not None
+            or tiles[-1].end < PARALLEL_MIN_ROWS or torch.is_autocast_enabled("cpu")):
+        return [tiles]
+    groups: list[list[Tile]] = [[] for _ in range(min(threads, len(tiles)))]
+    loads = [0] * len(groups)
+    for tile in sorted(tiles, key=lambda t: t.start - t.end):         # largest first
+        g = loads.index(min(loads))
+        groups[g].append(tile)
+        loads[g] += tile.end - tile.start
+    return [sorted(g, key=lambda t: t.start) for g in groups]
+
+
+def run_groups(fn, groups: list[list[Tile]]) -> list:
+    """``fn(group)`` for every group: inline for one, else each on its own single-threaded worker
+    (torch releases the GIL inside its kernels). The caller's thread count is restored."""
+    if len(groups) == 1:
+        return [fn(groups[0])]
+    threads = torch.get_num_threads()
+    grad_mode = torch.is_grad_enabled()            # thread-local: a new thread starts with it on
+
+    def work(group):
+        torch.set_num_threads(1)
+        with torch.set_grad_enabled(grad_mode):
+            return fn(group)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+            return list(pool.map(work, groups))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Fixed-order sum of the groups' accumulators, so results do not depend on scheduling."""
+    total = parts[0]
+    for part in parts[1:]:
+        total.add_(part)
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # Gather and combine: where the sorted rows come from and where their outputs go
 # --------------------------------------------------------------------------------------------
@@ -294,21 +352,30 @@ class _GroupedSwiGLU(torch.autograd.Function):
         grouped = bool(tiles) and tiles[0].offs is not None
         # the only activation saved for the backward (a dense SwiGLU saves as much)
         gate_up_M2H = None if grouped else x.new_empty(num_rows, 2 * H)
-        acc = rows.new_output(x, num_rows)
-        for tile in tiles:
-            x_RD = rows.gather(x, tile)
-            if grouped:
-                gate_up = gate_up_M2H = _rows_mm(x_RD, w_gate_up, tile, transpose=True)
-            else:
-                gate_up = _rows_mm(x_RD, w_gate_up, tile, transpose=True,
-                                   out=gate_up_M2H[tile.start:tile.end])      # (R, 2H)
-            del x_RD
-            h_RH = F.silu(gate_up[:, :H]).mul_(gate_up[:, H:])
-            if weight_M is not None:
-                # the combine weight is applied before the (linear) down projection: one
-                # (R, H) multiply instead of an (R, D) one
-                h_RH.mul_(weight_M[tile.start:tile.end, None].to(h_RH.dtype))
-            rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)    # (R, D)
+
+        def run(group: list[Tile]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            acc, grouped_gate_up = rows.new_output(x, num_rows), None
+            for tile in group:
+                x_RD = rows.gather(x, tile)
+                if grouped:
+                    gate_up = grouped_gate_up = _rows_mm(x_RD, w_gate_up, tile, transpose=True)
+                else:
+                    gate_up = _rows_mm(x_RD, w_gate_up, tile, transpose=True,
+                                       out=gate_up_M2H[tile.start:tile.end])  # (R, 2H)
+                del x_RD
+                h_RH = F.silu(gate_up[:, :H]).mul_(gate_up[:, H:])
+                if weight_M is not None:
+                    # the combine weight is applied before the (linear) down projection: one
+                    # (R, H) multiply instead of an (R, D) one
+                    h_RH.mul_(weight_M[tile.start:tile.end, None].to(h_RH.dtype))
+                rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)  # (R, D)
+            return acc, grouped_gate_up
+
+        groups = thread_groups(tiles, x) if rows.source_M is not None else [tiles]
+        results = run_groups(run, groups)
+        acc = _sum_in_order([a for a, _ in results])
+        if grouped:
+            gate_up_M2H = results[0][1]
         if gate_up_M2H is None:                                   # no rows at all
             gate_up_M2H = x.new_empty(0, 2 * H)
         ctx.save_for_backward(x, w_gate_up, w_down, weight_M, gate_up_M2H)
@@ -322,33 +389,44 @@ class _GroupedSwiGLU(torch.autograd.Function):
         rows, tiles = ctx.rows, ctx.tiles
         H = w_down.shape[2]
         grad_out = grad_out.contiguous()
-        grad_x = rows.new_output(x, gate_up_M2H.shape[0]) if ctx.needs_input_grad[0] else None
         grad_w_gate_up = _weight_grad_buffer(w_gate_up, tiles)
         grad_w_down = _weight_grad_buffer(w_down, tiles)
         grad_weight = None
         if weight_M is not None:
             grad_weight = weight_M.new_zeros(weight_M.shape)
-        for tile in tiles:
-            dy_RD = rows.gather(grad_out, tile)                                   # (R, D)
-            gate, up = gate_up_M2H[tile.start:tile.end].chunk(2, dim=-1)          # (R, H) each
-            silu_RH = F.silu(gate)
-            h_RH = silu_RH * up
-            dh_RH = _rows_mm(dy_RD, w_down, tile, transpose=False)               # dL/d(h w)
-            if weight_M is not None:
-                w_R1 = weight_M[tile.start:tile.end, None].to(h_RH.dtype)
-                grad_weight[tile.start:tile.end] = (dh_RH * h_RH).sum(-1, dtype=grad_weight.dtype)
-                h_RH.mul_(w_R1)
-                dh_RH.mul_(w_R1)
-            grad_w_down = _weights_mm(dy_RD, h_RH, tile, grad_w_down)             # (E, D, H)
-            del h_RH, dy_RD                                   # free before the next (R, D) buffers
-            dgate_up = torch.empty_like(gate_up_M2H[tile.start:tile.end])         # (R, 2H)
-            torch.ops.aten.silu_backward(dh_RH * up, gate, grad_input=dgate_up[:, :H])
-            torch.mul(dh_RH, silu_RH, out=dgate_up[:, H:])
-            del dh_RH, silu_RH
-            grad_w_gate_up = _weights_mm(dgate_up, rows.gather(x, tile), tile,
-                                         grad_w_gate_up)                          # (E, 2H, D)
-            if grad_x is not None:
-                rows.scatter(grad_x, _rows_mm(dgate_up, w_gate_up, tile, transpose=False), tile)
+
+        def run(group: list[Tile]) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+            # tiles hold whole experts: the weight-gradient slices and grad_weight rows a group
+            # writes are its own; grad_x is per group and summed afterwards
+            gw_gate_up, gw_down = grad_w_gate_up, grad_w_down
+            grad_x = rows.new_output(x, gate_up_M2H.shape[0]) if ctx.needs_input_grad[0] else None
+            for tile in group:
+                dy_RD = rows.gather(grad_out, tile)                               # (R, D)
+                gate, up = gate_up_M2H[tile.start:tile.end].chunk(2, dim=-1)      # (R, H) each
+                silu_RH = F.silu(gate)
+                h_RH = silu_RH * up
+                dh_RH = _rows_mm(dy_RD, w_down, tile, transpose=False)           # dL/d(h w)
+                if weight_M is not None:
+                    w_R1 = weight_M[tile.start:tile.end, None].to(h_RH.dtype)
+                    grad_weight[tile.start:tile.end] = (dh_RH * h_RH).sum(-1, dtype=grad_weight.dtype)
+                    h_RH.mul_(w_R1)
+                    dh_RH.mul_(w_R1)
+                gw_down = _weights_mm(dy_RD, h_RH, tile, gw_down)                 # (E, D, H)
+                del h_RH, dy_RD                               # free before the next (R, D) buffers
+                dgate_up = torch.empty_like(gate_up_M2H[tile.start:tile.end])     # (R, 2H)
+                torch.ops.aten.silu_backward(dh_RH * up, gate, grad_input=dgate_up[:, :H])
+                torch.mul(dh_RH, silu_RH, out=dgate_up[:, H:])
+                del dh_RH, silu_RH
+                gw_gate_up = _weights_mm(dgate_up, rows.gather(x, tile), tile, gw_gate_up)  # (E, 2H, D)
+                if grad_x is not None:
+                    rows.scatter(grad_x, _rows_mm(dgate_up, w_gate_up, tile, transpose=False), tile)
+            return grad_x, gw_gate_up, gw_down
+
+        groups = thread_groups(tiles, x) if rows.source_M is not None else [tiles]
+        results = run_groups(run, groups)
+        grad_x = None if results[0][0] is None else _sum_in_order([r[0] for r in results])
+        if len(groups) == 1:       # the grouped engine returns fresh weight gradients
+            grad_w_gate_up, grad_w_down = results[0][1], results[0][2]
         if not tiles:                                     # no rows: zero gradients
             grad_w_gate_up, grad_w_down = torch.zeros_like(w_gate_up), torch.zeros_like(w_down)
         if grad_x is not None:
