@@ -225,12 +225,16 @@ def _weight_grad_buffer(w_EYX: torch.Tensor, tiles: list[Tile]) -> Optional[torc
     return grad
 
 
-# Below this many rows the loop engine stays on the calling thread: thread start-up and the extra
-# accumulator would cost more than they save.
-PARALLEL_MIN_ROWS = 4096
+# When the loop engine runs expert groups side by side (``thread_groups``): only for fine-grained
+# layers, where per-expert GEMMs are too small to split well across threads, and only with enough
+# work (rows x D x H multiply-adds) to pay for switching thread counts. Measured, fwd+bwd, 2 threads,
+# idle 2-core CPU: E=64/K=8/H=256, 4096 tokens at D=512: 446 -> 376 ms; but E=8/K=2 (any size) and
+# E=64 at 2048 tokens x D=256 got slower (51 -> 68 ms, 76 -> 81 ms).
+PARALLEL_MIN_EXPERTS = 32
+PARALLEL_MIN_WORK = 2**31
 
 
-def thread_groups(tiles: list[Tile], x: torch.Tensor) -> list[list[Tile]]:
+def thread_groups(tiles: list[Tile], x: torch.Tensor, hidden: int) -> list[list[Tile]]:
     """Split the loop engine's tiles into one group per intra-op thread, balanced by rows.
 
     Why: a fine-grained expert's GEMM is small, and splitting each one across the intra-op
@@ -241,7 +245,10 @@ def thread_groups(tiles: list[Tile], x: torch.Tensor) -> list[list[Tile]]:
     threads = torch.get_num_threads()
     # autocast state is thread-local too: under CPU autocast, stay on the calling thread
     if (threads < 2 or x.device.type != "cpu" or len(tiles) < 2 or tiles[0].offs is not None
-            or tiles[-1].end < PARALLEL_MIN_ROWS or torch.is_autocast_enabled("cpu")):
+            or torch.is_autocast_enabled("cpu")):
+        return [tiles]
+    experts = sum(len(t.segments) for t in tiles)
+    if experts < PARALLEL_MIN_EXPERTS or tiles[-1].end * x.shape[-1] * hidden < PARALLEL_MIN_WORK:
         return [tiles]
     groups: list[list[Tile]] = [[] for _ in range(min(threads, len(tiles)))]
     loads = [0] * len(groups)
@@ -371,7 +378,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)  # (R, D)
             return acc, grouped_gate_up
 
-        groups = thread_groups(tiles, x) if rows.source_M is not None else [tiles]
+        groups = thread_groups(tiles, x, H) if rows.source_M is not None else [tiles]
         results = run_groups(run, groups)
         acc = _sum_in_order([a for a, _ in results])
         if grouped:
@@ -422,7 +429,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     rows.scatter(grad_x, _rows_mm(dgate_up, w_gate_up, tile, transpose=False), tile)
             return grad_x, gw_gate_up, gw_down
 
-        groups = thread_groups(tiles, x) if rows.source_M is not None else [tiles]
+        groups = thread_groups(tiles, x, H) if rows.source_M is not None else [tiles]
         results = run_groups(run, groups)
         grad_x = None if results[0][0] is None else _sum_in_order([r[0] for r in results])
         if len(groups) == 1:       # the grouped engine returns fresh weight gradients

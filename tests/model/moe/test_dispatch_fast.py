@@ -233,13 +233,14 @@ def test_backend_choice_and_fallbacks(monkeypatch):
 def test_threaded_groups_match_reference_and_are_deterministic(monkeypatch, extra):
     """The loop engine's tiles split over worker threads (forced here at any size) give the
     per-token reference's outputs and gradients, and the same bits on every run."""
-    monkeypatch.setattr(experts_mod, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(experts_mod, "PARALLEL_MIN_EXPERTS", 2)
+    monkeypatch.setattr(experts_mod, "PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(experts_mod, "TILE_ROWS", 8)          # many tiles, several per thread
     torch.set_num_threads(2)
     torch.manual_seed(0)
     layer = MoE(d_model=16, num_experts=8, top_k=2, expert_hidden=12, **extra).double().train()
     x = torch.randn(5, 9, 16, dtype=torch.float64, requires_grad=True)
-    assert len(experts_mod.thread_groups(experts_mod.loop_tiles(torch.tensor([30] * 8)), x)) == 2
+    assert len(experts_mod.thread_groups(experts_mod.loop_tiles(torch.tensor([30] * 8)), x, 12)) == 2
     torch.manual_seed(1)
     out = layer(x).output
     torch.manual_seed(1)
