@@ -71,6 +71,9 @@ def test_compare_writes_a_consistent_report_and_resumes(tmp_path, capsys):
     actives = [d["active_params"], moe["active_params"], hyb["active_params"]]
     assert max(actives) / min(actives) < 1.05
     assert moe["kind"] == "moe" and hyb["kind"] == "hybrid" and len(hyb["moe_layers"]) == 1
+    # every model has a loss at the shared wall-clock point, the shortest run included
+    assert all(m["val_loss_at_equal_time"] is not None for m in models.values())
+    assert all(m["val_loss_at_equal_tokens"] is not None for m in models.values())
     report = (out / "report.md").read_text()
     assert "What this run shows" in report and "![val_loss_vs_tokens.png]" in report
     # every model's run folder is a normal run
@@ -104,3 +107,5 @@ def test_budget_parsing_and_helpers():
     assert count_spikes([1.0] * 20 + [1.2]) == 0
     assert interpolate([0, 10], [4.0, 2.0], 5) == pytest.approx(3.0)
     assert interpolate([0, 10], [4.0, 2.0], 11) is None
+    assert interpolate([0, 4.373568235003404], [4.0, 2.0], 4.374) is None
+    assert interpolate([0, 4.373568235], [4.0, 2.0], 4.3735682351) == 2.0   # JSON round-off

@@ -62,9 +62,12 @@ def count_spikes(losses: list[float], window: int = SPIKE_WINDOW, ratio: float =
 
 
 def interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
-    """Linear interpolation of y at x over increasing xs; None outside the measured range."""
-    if not xs or x < xs[0] - 1e-9 or x > xs[-1] + 1e-9:
+    """Linear interpolation of y at x over increasing xs; None outside the measured range (with a
+    relative tolerance of 1e-6 at both ends, for times read back from JSON)."""
+    tol = 1e-6 * max(1.0, abs(xs[-1])) if xs else 0.0
+    if not xs or x < xs[0] - tol or x > xs[-1] + tol:
         return None
+    x = min(max(x, xs[0]), xs[-1])
     for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)

@@ -274,7 +274,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
         "run_dir": str(run_dir),
         "steps": loop.step,
         "tokens": loop.tokens,
-        "train_time_s": round(loop.elapsed_s, 3),
+        "train_time_s": loop.elapsed_s,
         "val_loss": last_val,
         "perplexity": math.exp(min(last_val, 50.0)),
         "tokens_per_s": statistics.median(throughput[1:] or throughput) if throughput else None,
