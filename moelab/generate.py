@@ -148,10 +148,7 @@ def moe_infer(moe: "MoE", x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         plan = plan_dispatch(routing, moe.num_experts)                           # dropless
         out_ND = moe.experts.forward_dispatched(x_ND, plan)                      # as MoE.forward
     if moe.shared is not None:
-        shared_ND = moe.shared(x_ND)
-        if moe.shared_gate is not None:
-            shared_ND = torch.sigmoid(moe.shared_gate(x_ND)) * shared_ND
-        out_ND = out_ND + shared_ND
+        out_ND = out_ND + moe.shared_output(x_ND)
     return out_ND, routing.ids_NK
 
 

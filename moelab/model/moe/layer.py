@@ -101,6 +101,14 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 nn.init.normal_(self.shared_gate.weight, std=std)
 
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The always-on shared experts (DeepSeekMoE), gated by sigmoid(x w) when configured
+        (Qwen2-MoE). Only valid when the layer has shared experts."""
+        out = self.shared(x)
+        if self.shared_gate is not None:
+            out = torch.sigmoid(self.shared_gate(x)) * out
+        return out
+
     def _capacity_factor(self) -> Optional[float]:
         return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
 
@@ -122,10 +130,7 @@ class MoE(nn.Module):
         out_ND = self.experts.forward_dispatched(x_ND, plan)
 
         if self.shared is not None:
-            shared_ND = self.shared(x_ND)
-            if self.shared_gate is not None:
-                shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
-            out_ND = out_ND + shared_ND
+            out_ND = out_ND + self.shared_output(x_ND)
 
         aux_loss, loss_values = self._aux_losses(routing, shape)
         with torch.no_grad():
@@ -176,10 +181,7 @@ class MoE(nn.Module):
                     e = int(routing.ids_NK[n, k])
                     y_D = y_D + routing.weights_NK[n, k].to(x.dtype) * self.experts.naive_expert(e, x_ND[n])
             if self.shared is not None:
-                s_D = self.shared(x_ND[n])
-                if self.shared_gate is not None:
-                    s_D = torch.sigmoid(self.shared_gate(x_ND[n])) * s_D
-                y_D = y_D + s_D
+                y_D = y_D + self.shared_output(x_ND[n])
             rows.append(y_D)
         return torch.stack(rows).view(x.shape)
 
