@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from moelab.data import DataError
     from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError, read_config
     from moelab.train.state import checkpoint_dirs
     from moelab.train.trainer import TrainingError, resume_config, train
@@ -39,9 +40,7 @@ def run(args) -> int:
                 raise_user("--resume continues a run with its own config; drop --preset/--config/--init-from")
             run_dir = Path(args.resume)
             cfg = resume_config(run_dir, overrides)          # refuses non-runs before writing
-            if not checkpoint_dirs(run_dir):
-                raise_user(f"{str(run_dir)!r} has no checkpoint to resume from")
-            resume = True
+            resume = True                                    # train() checks the checkpoint first
         else:
             args.overrides = overrides
             cfg = config_from_args(args)
@@ -61,11 +60,6 @@ def run(args) -> int:
             resume = False
         train(cfg, run_dir, resume=resume, init_from=args.init_from, command=command,
               show_progress=False if args.no_progress else None)
-    except (CheckpointError, TrainingError) as e:
+    except (CheckpointError, TrainingError, DataError) as e:
         raise_user(str(e))
-    except Exception as e:
-        from moelab.data import DataError
-        if isinstance(e, DataError):
-            raise_user(str(e))
-        raise
     return 0

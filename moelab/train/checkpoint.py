@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moelab.config import Config, ConfigError, from_dict
-from moelab.fileio import atomic_write, fsync_dir  # noqa: F401  (used by train.state)
+from moelab.fileio import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from moelab.fileio import atomic_write, fsync_dir
 from moelab.train.checkpoint import (
-    WEIGHTS_FILE, CheckpointError, atomic_write, fsync_dir, load_state_into, load_tensors,
+    WEIGHTS_FILE, CheckpointError, load_state_into, load_tensors,
     model_state, save_tensors, write_json,
 )
 
