@@ -17,8 +17,10 @@ One process trains, from the same random initial weights (ours, copied into tran
   torch.compile, see ``moelab.train.compile``); compile time falls in the warm-up steps.
 
 Every step does, on both sides, what ``moelab.train.trainer`` does per step at grad_accum=1:
-forward on (B, T) tokens; loss = cross-entropy of all B*T logits against the next tokens
-(``trainer.lm_loss``, the same function for every model) + the load-balancing aux loss times its
+forward on (B, T) tokens; loss = mean cross-entropy of all B*T positions against the next tokens
+(ours: ``model(x, targets=y).loss``, the fused LM head + cross-entropy the trainer uses, see
+``moelab.model.linear_cross_entropy``; HF: ``trainer.lm_loss`` on its logits, which is what HF's
+own ``ForCausalLMLoss`` computes: float32 ``F.cross_entropy``) + the load-balancing aux loss times its
 coefficient; backward; ``clip_grad_norm_(1.0)``; AdamW step (lr 3e-3, betas 0.9/0.95, weight decay
 0.1 on matrices except the embedding); ``zero_grad(set_to_none=True)``; and the trainer's host
 reads (finite-loss check, ``ce.item()``, ``aux.item()``, the grad norm as a float).
@@ -70,8 +72,8 @@ class Contender:
 
 def ours_contender(model: Transformer, train_cfg, name: str = "ours") -> Contender:
     def loss(x, y):
-        out = model(x)
-        return lm_loss(out.logits, y), out.aux_loss            # aux: already coefficient-weighted
+        out = model(x, targets=y)                             # the trainer's fused LM head + loss
+        return out.loss, out.aux_loss                          # aux: already coefficient-weighted
     return Contender(name, model, build_optimizer(model, train_cfg), loss, model.update_router_biases)
 
 

@@ -19,14 +19,16 @@ from torch import nn
 from moelab.config import ModelConfig
 from moelab.model.attention import AttentionContext, RMSNorm, build_attention, rope_tables
 from moelab.model.ffn import SwiGLU
+from moelab.model.linear_cross_entropy import linear_cross_entropy
 from moelab.model.moe import MoE, RouterStats
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                     # (B, T, V)
+    logits: Optional[torch.Tensor]           # (B, T, V); None when ``targets`` were given
     aux_loss: torch.Tensor                   # scalar: the MoE layers' weighted aux losses, summed
     router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, in order
+    loss: Optional[torch.Tensor] = None      # scalar: mean next-token cross-entropy (with targets)
 
 
 class Cache:
@@ -146,8 +148,13 @@ class Transformer(nn.Module):
         mask = (causal_TS[None] & real_BS[:, None]) | self_TS[None]           # (B, T, S)
         return AttentionContext(cos, sin, mask.unsqueeze(1), start)
 
-    def forward(self, tokens: torch.Tensor, cache: Optional[Cache] = None) -> ModelOutput:
-        """tokens (B, T) int64 -> ModelOutput with logits (B, T, V)."""
+    def forward(self, tokens: torch.Tensor, cache: Optional[Cache] = None,
+                targets: Optional[torch.Tensor] = None) -> ModelOutput:
+        """tokens (B, T) int64 -> ModelOutput with logits (B, T, V).
+
+        With ``targets`` (B, T) the output holds the mean cross-entropy ``loss`` instead of the
+        logits, computed by the fused LM head + loss (``linear_cross_entropy``), which never
+        materialises the (B, T, V) logits."""
         B, T = tokens.shape
         ctx = self._context(B, T, tokens.device, cache)
         x = self.embed(tokens)                                                # (B, T, D)
@@ -158,14 +165,21 @@ class Transformer(nn.Module):
             if moe is not None:
                 aux_loss = aux_loss + moe.aux_loss
                 stats.append(moe.stats)
-        logits = self.lm_logits(self.norm(x))
         if cache is not None:
             cache.pos += T
-        return ModelOutput(logits, aux_loss, stats)
+        if targets is not None:
+            loss = linear_cross_entropy(self.norm(x), self.lm_weight, targets)
+            return ModelOutput(None, aux_loss, stats, loss)
+        return ModelOutput(self.lm_logits(self.norm(x)), aux_loss, stats)
+
+    @property
+    def lm_weight(self) -> torch.Tensor:
+        """The (V, D) output projection: the embedding when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Normed hidden states (..., D) -> vocabulary logits (..., V), tied or not."""
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return F.linear(x, self.lm_weight)
 
     # ---- generation (moelab.generate holds the loop) -------------------------------------------
     def generate(self, prompts, options=None, **kwargs):

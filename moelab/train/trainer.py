@@ -86,6 +86,8 @@ def _autocast(device: torch.device):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy from materialised logits (the unfused form, for models that
+    only return logits; ``Transformer(x, targets=y).loss`` is the same number, fused)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
@@ -97,8 +99,7 @@ def evaluate(model: Transformer, batches, device: torch.device) -> float:
     total = 0.0
     for x, y in batches:
         with _autocast(device):
-            logits = model(x.to(device)).logits
-        total += lm_loss(logits, y.to(device)).item()
+            total += model(x.to(device), targets=y.to(device)).loss.item()
     model.train(was_training)
     return total / max(1, len(batches))
 
@@ -212,8 +213,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
             x, y = batches.batch(loop.step * t_cfg.grad_accum + micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device):
-                out = model(x)
-                ce = lm_loss(out.logits, y)
+                out = model(x, targets=y)
+                ce = out.loss
                 loss = ce + out.aux_loss
             if not torch.isfinite(loss):
                 where = _first_nonfinite_module(model, x, device)
