@@ -213,6 +213,27 @@ def test_loop_tiles_cut_whole_experts_and_skip_empty_ones():
     assert isinstance(tiles[0], Tile)
 
 
+@needs_grouped_mm
+def test_cpu_auto_engine_uses_grouped_mm_only_for_small_gradient_free_batches():
+    """Inference with a few rows per expert runs grouped_mm (faster there, see
+    ``_cpu_inference_grouped``) and gives the loop engine's outputs; training and single tokens
+    keep the loop."""
+    layer = _layer(dtype=torch.float32, num_experts=8, top_k=2, expert_hidden=16)
+    experts = layer.experts
+    x = torch.randn(20, 16)
+    assert experts.backend == "auto"
+    with torch.no_grad():
+        assert experts.resolved_backend(x, 40) == "grouped_mm"      # 5 rows per expert
+        assert experts.resolved_backend(x, 2) == "loop"             # one token: 2 of 8 experts
+        assert experts.resolved_backend(x, 8 * 33) == "loop"        # many rows per expert
+        out_auto = layer(x).output
+        experts.backend = "loop"
+        out_loop = layer(x).output
+    torch.testing.assert_close(out_auto, out_loop, rtol=1e-5, atol=1e-6)
+    experts.backend = "auto"
+    assert experts.resolved_backend(x, 40) == "loop"                # gradients: the loop
+
+
 def test_backend_choice_and_fallbacks(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         GroupedExperts(4, 16, 16, backend="triton")
