@@ -33,12 +33,46 @@ def rope_tables(dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, tor
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, D) by position; cos/sin are (B or 1, 1, T, D)."""
+def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE written plainly: x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1].
+    The reference ``apply_rope`` is tested against."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE as three fused multiply-adds each way, with no concatenation, negation or slice
+    gradients: plain autograd through ``rotate_half_reference`` zero-fills a full-size buffer for
+    each slice's gradient and concatenates twice (measured: about 3 ms of a 21 ms attention
+    sublayer, forward + backward, B=8, T=256, 4 heads of 64, 2 CPU threads). The backward needs
+    only the tables, not ``x``, since the rotation is linear: its transpose is the rotation by
+    minus the angle."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_out, cos, sin, sign=-1.0), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x * cos + sign * rotate_half(x) * sin, in cos's precision, returned in x's dtype."""
+    half = x.shape[-1] // 2
+    out = x * cos                                                       # (B, H, T, D), float32
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    return out.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, H, T, D) by position; cos/sin are (B or 1, 1, T, D)."""
+    return _Rope.apply(x, cos, sin)
 
 
 class RMSNorm(nn.Module):

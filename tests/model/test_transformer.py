@@ -5,7 +5,7 @@ import torch
 
 import moelab
 from moelab.accounting import flops_per_token, memory_estimate, param_counts
-from moelab.model.attention import apply_rope, rope_tables
+from moelab.model.attention import apply_rope, rope_tables, rotate_half_reference
 from moelab.presets import preset_names
 
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.vocab_size=128", "model.ffn_hidden=96",
@@ -76,6 +76,25 @@ def test_rope_scores_depend_on_relative_position_only():
     assert score(5, 3) == pytest.approx(score(12, 10), abs=1e-5)
     assert score(40, 0) == pytest.approx(score(41, 1), abs=1e-5)
     assert score(5, 3) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+@pytest.mark.parametrize("batch_tables", [False, True])      # (1, 1, T, D) or per-row (B, 1, T, D)
+def test_fused_rope_matches_the_plain_formula_and_its_gradient(batch_tables):
+    cos, sin = rope_tables(16, 8, 10000.0)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]]) if batch_tables else torch.arange(6)[None]
+    cos, sin = cos[pos].unsqueeze(1).double(), sin[pos].unsqueeze(1).double()   # (B|1, 1, T, D)
+    x = torch.randn(2, 3, 6, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 6, 16, dtype=torch.float64)
+    fused = apply_rope(x, cos, sin)
+    (gx_fused,) = torch.autograd.grad(fused, x, g)
+    plain = rotate_half_reference(x, cos, sin)
+    (gx_plain,) = torch.autograd.grad(plain, x, g)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx_fused, gx_plain, rtol=1e-12, atol=1e-12)
+    xb = x.detach().bfloat16()
+    out = apply_rope(xb, cos.float(), sin.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), plain.detach().float(), rtol=2e-2, atol=2e-2)
 
 
 def test_hybrid_patterns_and_pyramid():
