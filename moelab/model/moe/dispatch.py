@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from moelab.model.moe.losses import expert_histogram
 from moelab.model.moe.router import Routing
 
 
@@ -28,12 +29,6 @@ class DispatchPlan:
     # writes to (see experts.RowMap)
     assign_idx_M: Optional[torch.Tensor] = None
     top_k: int = 1
-
-
-def expert_histogram(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Rows per expert, (E,) int64. Not ``torch.bincount``: on CUDA it reads the largest id back
-    to the host to size its output, a sync; a scatter-add into E bins does not."""
-    return ids.new_zeros(num_experts).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def plan_dispatch(routing: Routing, num_experts: int, keep_NK: Optional[torch.Tensor] = None) -> DispatchPlan:

@@ -10,9 +10,16 @@ from __future__ import annotations
 import torch
 
 
+def expert_histogram(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, (E,) int64. Not ``torch.bincount``: on CUDA it reads the largest id
+    back to the host to size its output, a sync in every layer; a scatter-add into E bins is not."""
+    ids = ids.flatten()
+    return ids.new_zeros(num_experts).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def expert_counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Assignments per expert, (E,) float."""
-    return torch.bincount(ids_NK.flatten(), minlength=num_experts).float()
+    return expert_histogram(ids_NK, num_experts).float()
 
 
 def switch_balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import MoEConfig
+from moelab.model.moe.losses import expert_histogram
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Router(nn.Module):
         routing = route(logits_NE, self.cfg, self.expert_bias if use_bias else None)
         if self.training and self.cfg.bias_update_rate > 0:
             with torch.no_grad():
-                self.load_seen += torch.bincount(routing.ids_NK.flatten(), minlength=self.num_experts)
+                self.load_seen += expert_histogram(routing.ids_NK, self.num_experts)
         return routing
 
     @torch.no_grad()

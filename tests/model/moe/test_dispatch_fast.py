@@ -142,9 +142,11 @@ def test_grouped_mm_engine_with_idle_experts_and_unfused_path():
 
 
 @needs_grouped_mm
-def test_grouped_mm_dropless_path_never_reads_device_values_on_the_host(monkeypatch):
-    """On CUDA a host read is a sync; on CPU we catch the reads themselves."""
-    layer = _layer(dtype=torch.float32, expert_hidden=16)
+@pytest.mark.parametrize("options", [dict(), dict(router="sigmoid", bias_update_rate=0.001, seq_aux_loss_coef=0.01)])
+def test_grouped_mm_dropless_path_never_reads_device_values_on_the_host(monkeypatch, options):
+    """On CUDA a host read is a sync; on CPU we catch the reads themselves, and ``bincount``,
+    which on CUDA reads the largest id back to size its output."""
+    layer = _layer(dtype=torch.float32, expert_hidden=16, **options)
     layer.experts.backend = "grouped_mm"
     x = torch.randn(2, 7, 16, requires_grad=True)
 
@@ -154,6 +156,7 @@ def test_grouped_mm_dropless_path_never_reads_device_values_on_the_host(monkeypa
     with monkeypatch.context() as m:
         for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
             m.setattr(torch.Tensor, name, host_read)
+        m.setattr(torch, "bincount", host_read)
         out = layer(x)
         torch.autograd.backward([out.output, out.aux_loss], [torch.ones_like(out.output), torch.ones(())])
 
