@@ -143,8 +143,10 @@ class Router(nn.Module):
     def update_bias(self) -> None:
         """b_i += rate * sign(mean load - load_i) over the load seen since the last call
         (DeepSeek-V3, section 2.1.2). Call once per optimiser step."""
-        if self.cfg.bias_update_rate <= 0 or not self.load_seen.any():
+        if self.cfg.bias_update_rate <= 0:
             return
+        # no "any load seen?" test: it would be a host sync per layer and step on CUDA, and with
+        # no load the error is 0 everywhere, so sign(0) = 0 leaves the biases as they are
         error = self.load_seen.mean() - self.load_seen
         self.expert_bias += self.cfg.bias_update_rate * torch.sign(error)
         self.load_seen.zero_()
