@@ -42,9 +42,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
-                compute_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+                compute_dtype: torch.dtype, chunk: int, grad_enabled: bool) -> torch.Tensor:
         N, V = h_ND.shape[0], w_VD.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad stays True under no_grad for inputs that require grad: ask the caller's
+        # grad mode too, or evaluation would pay for two gradient matmuls it never uses
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
         w = w_VD.to(compute_dtype)
         grad_h = torch.empty_like(h_ND) if need_h else None
         grad_w = torch.zeros_like(w_VD) if need_w else None
@@ -87,7 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w.mul_(grad_loss.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight_VD: torch.Tensor, targets: torch.Tensor,
@@ -106,4 +109,4 @@ def linear_cross_entropy(h: torch.Tensor, weight_VD: torch.Tensor, targets: torc
         dtype = torch.get_autocast_dtype(h.device.type)
     chunk = chunk or chunk_rows(h_ND.shape[0], weight_VD.shape[0])
     with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, dtype, chunk)
+        return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, dtype, chunk, torch.is_grad_enabled())
