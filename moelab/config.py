@@ -31,6 +31,7 @@ GroupScore = Literal["max", "top2"]
 AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["none", "head", "full"]
 DropPolicy = Literal["position", "score"]
+RopeKind = Literal["default", "linear", "llama3", "yarn"]
 
 ROUTER_KINDS = typing.get_args(RouterKind)
 ATTENTION_KINDS = typing.get_args(AttentionKind)
@@ -88,6 +89,33 @@ class MLAConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RopeScalingConfig:
+    """Context extension by rescaling RoPE frequencies, as released checkpoints configure it.
+
+    "linear": every frequency divided by ``factor`` (position interpolation, Chen et al. 2023).
+    "llama3": low frequencies divided by ``factor``, high ones kept, a smooth blend between,
+    with wavelength bounds ``original_max_seq_len`` / ``low_freq_factor`` and / ``high_freq_factor``
+    (Llama 3.1). "yarn": per-dimension blend of interpolated and original frequencies over the
+    ramp set by ``beta_fast``/``beta_slow`` rotations, plus cos/sin scaled by an attention factor
+    (YaRN, Peng et al. 2023); ``mscale``/``mscale_all_dim`` are DeepSeek-V3's variant of that
+    factor, and for MLA ``mscale_all_dim`` also rescales the softmax. The tables are static:
+    the scaling applies at every position, as in the released models.
+    """
+
+    kind: RopeKind = "default"
+    factor: float = 1.0
+    original_max_seq_len: Optional[int] = None   # llama3 / yarn: the pre-training context
+    low_freq_factor: float = 1.0                 # llama3
+    high_freq_factor: float = 4.0                # llama3
+    beta_fast: float = 32.0                      # yarn
+    beta_slow: float = 1.0                       # yarn
+    mscale: float = 0.0                          # yarn (DeepSeek); 0 = unset
+    mscale_all_dim: float = 0.0                  # yarn (DeepSeek); 0 = unset
+    attention_factor: Optional[float] = None     # yarn: None = derived from factor (and mscales)
+    truncate: bool = True                        # yarn: round the ramp's ends to whole dims
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     vocab_size: int = 4096
     d_model: int = 256
@@ -98,6 +126,7 @@ class ModelConfig:
     ffn_hidden: int = 704              # dense SwiGLU width
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     attention: AttentionKind = "gqa"
@@ -236,7 +265,31 @@ def _validate_model(m: ModelConfig, p: str = "model") -> None:
             _fail(f"{p}.n_kv_heads", m.n_kv_heads, f"must divide n_heads ({m.n_heads})")
     if m.attention == "mla":
         _validate_mla(m.mla, f"{p}.mla")
+    _validate_rope_scaling(m.rope_scaling, f"{p}.rope_scaling")
     _validate_moe(m, f"{p}.moe")
+
+
+def _validate_rope_scaling(r: RopeScalingConfig, p: str) -> None:
+    _one_of(f"{p}.kind", r.kind, typing.get_args(RopeKind))
+    if r.kind == "default":
+        return
+    _at_least(f"{p}.factor", r.factor, 1.0)
+    if r.kind in ("llama3", "yarn"):
+        if r.original_max_seq_len is None:
+            _fail(f"{p}.original_max_seq_len", None, f"must be set (> 0) for kind = {r.kind!r}")
+        _positive(f"{p}.original_max_seq_len", r.original_max_seq_len)
+    if r.kind == "llama3":
+        _positive(f"{p}.low_freq_factor", r.low_freq_factor)
+        if not r.high_freq_factor > r.low_freq_factor:
+            _fail(f"{p}.high_freq_factor", r.high_freq_factor, f"must be > low_freq_factor ({r.low_freq_factor})")
+    if r.kind == "yarn":
+        _positive(f"{p}.beta_slow", r.beta_slow)
+        if not r.beta_fast > r.beta_slow:
+            _fail(f"{p}.beta_fast", r.beta_fast, f"must be > beta_slow ({r.beta_slow})")
+        _at_least(f"{p}.mscale", r.mscale, 0.0)
+        _at_least(f"{p}.mscale_all_dim", r.mscale_all_dim, 0.0)
+        if r.attention_factor is not None:
+            _positive(f"{p}.attention_factor", r.attention_factor)
 
 
 def _validate_mla(a: MLAConfig, p: str) -> None:

@@ -1,4 +1,5 @@
-"""Attention: RoPE, grouped-query attention and Multi-head Latent Attention, with static KV caches.
+"""Attention: grouped-query attention and Multi-head Latent Attention, with static KV caches;
+the rotary embeddings they apply live in ``moelab.model.rope``.
 
 Legend: B batch, T new tokens, S cached positions (keys), H query heads, G key/value heads,
 Dh head dim, R MLA latent rank, Dr RoPE dim of MLA.
@@ -19,60 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
-
-
-# ---------------------------------------------------------------------------------------------
-# RoPE (Su et al. 2021, RoFormer), half-split layout as in Llama / Hugging Face
-# ---------------------------------------------------------------------------------------------
-
-def rope_tables(dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, dim), computed in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (dim/2,)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)         # (L, dim/2)
-    angles = torch.cat([angles, angles], dim=-1)                                      # (L, dim)
-    return angles.cos(), angles.sin()
-
-
-def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE written plainly: x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1].
-    The reference ``apply_rope`` is tested against."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
-class _Rope(torch.autograd.Function):
-    """RoPE as three fused multiply-adds each way, with no concatenation, negation or slice
-    gradients: plain autograd through ``rotate_half_reference`` zero-fills a full-size buffer for
-    each slice's gradient and concatenates twice (measured: about 3 ms of a 21 ms attention
-    sublayer, forward + backward, B=8, T=256, 4 heads of 64, 2 CPU threads). The backward needs
-    only the tables, not ``x``, since the rotation is linear: its transpose is the rotation by
-    minus the angle."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, sign=1.0)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad_out, cos, sin, sign=-1.0), None, None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """x * cos + sign * rotate_half(x) * sin, in cos's precision, returned in x's dtype."""
-    half = x.shape[-1] // 2
-    out = x * cos                                                       # (B, H, T, D), float32
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
-    return out.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, D) by position; cos/sin are (B or 1, 1, T, D)."""
-    return _Rope.apply(x, cos, sin)
+from moelab.model.rope import apply_rope, softmax_scale_factor
 
 
 class RMSNorm(nn.Module):
@@ -233,7 +181,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_rank, cfg.norm_eps)
         self.kv_up = nn.Linear(self.kv_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.out = nn.Linear(self.n_heads * self.v_dim, cfg.d_model, bias=False)
-        self.softmax_scale = (self.nope + self.rope) ** -0.5
+        self.softmax_scale = (self.nope + self.rope) ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
         return LatentCache(batch, max_len, self.kv_rank, self.rope, dtype, device)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
-from moelab.model.attention import AttentionContext, RMSNorm, build_attention, rope_tables
+from moelab.model.attention import AttentionContext, RMSNorm, build_attention
+from moelab.model.rope import rope_tables
 from moelab.model.ffn import SwiGLU
 from moelab.model.linear_cross_entropy import linear_cross_entropy
 from moelab.model.moe import MoE, RouterStats
@@ -85,7 +86,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.attn_head_dim
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)   # (L, Dr)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -15,9 +15,18 @@ CASES = {
     "llama": [
         ("gqa", dict(num_key_value_heads=2, intermediate_size=80, rope_theta=5e5)),
         ("tied-headdim", dict(num_key_value_heads=4, intermediate_size=48, head_dim=8, tie_word_embeddings=True)),
+        ("llama3-rope", dict(num_key_value_heads=2, intermediate_size=48, rope_parameters=dict(
+            rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16))),
+        ("linear-rope", dict(num_key_value_heads=2, intermediate_size=48, rope_parameters=dict(
+            rope_type="linear", rope_theta=1e4, factor=4.0))),
     ],
     "mixtral": [
         ("top2", dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)),
+        ("yarn", dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                      head_dim=16, max_position_embeddings=8192,
+                      rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                                           original_max_position_embeddings=2048))),
     ],
     "qwen2_moe": [
         ("sparse-step-mlp-only", dict(num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=24,
@@ -50,6 +59,15 @@ CASES = {
                            first_k_dense_replace=0, n_shared_experts=2, routed_scaling_factor=1.5,
                            q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                            v_head_dim=8, norm_topk_prob=False)),
+        # DeepSeek-V3's released YaRN settings (factor 40, mscale = mscale_all_dim = 1), smaller context
+        ("yarn-mscale", dict(num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+                             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                             first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                             q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                             v_head_dim=8, norm_topk_prob=True, max_position_embeddings=10240,
+                             rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=40.0, mscale=1.0,
+                                                  mscale_all_dim=1.0, beta_fast=32, beta_slow=1,
+                                                  original_max_position_embeddings=256))),
     ],
 }
 

@@ -5,7 +5,7 @@ import torch
 
 import moelab
 from moelab.accounting import flops_per_token, memory_estimate, param_counts
-from moelab.model.attention import apply_rope, rope_tables, rotate_half_reference
+from moelab.model.rope import apply_rope, rope_tables, rotate_half_reference
 from moelab.presets import preset_names
 
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.vocab_size=128", "model.ffn_hidden=96",

@@ -78,25 +78,85 @@ def refuse(family: str, what: str, why: str) -> None:
 # config fields common to the GQA families
 # ---------------------------------------------------------------------------------------------
 
-def read_rope(c: HFConfig, default_theta: float) -> float:
-    """rope_theta from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``
-    (older files). Only plain RoPE is implemented: any scaling type is refused."""
+# transformers' rope_parameters keys we understand; any other key would change the computation
+ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
+             "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor", "truncate", "partial_rotary_factor"}
+
+
+def read_rope(c: HFConfig, default_theta: float) -> tuple[float, dict]:
+    """rope_theta and our ``rope_scaling`` fields from ``rope_parameters`` (transformers 5) or
+    ``rope_theta``/``rope_scaling`` (older files). Plain, linear, llama3 and yarn RoPE are
+    implemented; dynamic NTK and LongRoPE are refused."""
     params = c.get("rope_parameters", None) or {}
-    scaling = c.get("rope_scaling", None) or {}
+    legacy = c.get("rope_scaling", None) or {}
     theta = params.get("rope_theta", c.get("rope_theta", default_theta))
-    for name, d in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = d.get("rope_type", d.get("type", "default"))
-        if kind not in ("default", None):
-            c.fail(f"{name}.rope_type", kind, "only plain RoPE is implemented (no yarn/llama3/linear/dynamic scaling)")
+    scaling: dict = {}
+    for name, d in (("rope_parameters", params), ("rope_scaling", legacy)):
         if d.get("partial_rotary_factor", 1.0) != 1.0:
             c.fail(f"{name}.partial_rotary_factor", d["partial_rotary_factor"], "RoPE covers the whole head here")
-    return float(theta)
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind in ("default", None):
+            continue
+        if kind not in ("linear", "llama3", "yarn"):
+            c.fail(f"{name}.rope_type", kind, "implemented RoPE types: default, linear, llama3, yarn")
+        unknown = sorted(set(d) - ROPE_KEYS)
+        if unknown:
+            c.fail(f"{name}.{unknown[0]}", d[unknown[0]], "not a RoPE parameter moelab implements")
+        scaling = _rope_scaling(c, kind, d)
+    return float(theta), scaling
+
+
+def _rope_scaling(c: HFConfig, kind: str, d: dict) -> dict:
+    """transformers' names and defaults -> ``RopeScalingConfig`` fields."""
+    out = {"kind": kind}
+    original = d.get("original_max_position_embeddings")
+    factor = d.get("factor")
+    if factor is None and kind == "yarn" and original:         # DeepSeek: the context ratio
+        factor = c.get("max_position_embeddings") / original
+    out["factor"] = float(factor)
+    if kind in ("llama3", "yarn"):
+        out["original_max_seq_len"] = original
+    if kind == "llama3":
+        out["low_freq_factor"] = float(d["low_freq_factor"])
+        out["high_freq_factor"] = float(d["high_freq_factor"])
+    if kind == "yarn":
+        out["beta_fast"] = float(d.get("beta_fast") or 32)
+        out["beta_slow"] = float(d.get("beta_slow") or 1)
+        out["mscale"] = float(d.get("mscale") or 0.0)
+        out["mscale_all_dim"] = float(d.get("mscale_all_dim") or 0.0)
+        if d.get("attention_factor") is not None:
+            out["attention_factor"] = float(d["attention_factor"])
+        out["truncate"] = bool(d.get("truncate", True))
+    return out
+
+
+def rope_to_hf(m: ModelConfig) -> dict:
+    """Our RoPE settings as transformers 5 ``rope_parameters``."""
+    s = m.rope_scaling
+    out = {"rope_type": s.kind, "rope_theta": m.rope_theta}
+    if s.kind != "default":
+        out["factor"] = s.factor
+    if s.kind in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = s.original_max_seq_len
+    if s.kind == "llama3":
+        out.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    if s.kind == "yarn":
+        out.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
+        if s.mscale:
+            out["mscale"] = s.mscale
+        if s.mscale_all_dim:
+            out["mscale_all_dim"] = s.mscale_all_dim
+        if s.attention_factor is not None:
+            out["attention_factor"] = s.attention_factor
+    return out
 
 
 def read_common(c: HFConfig, *, default_theta: float = 10000.0) -> dict:
     """vocab, width, depth, heads, context, RoPE, norm eps, tying; checks the activation."""
     c.expect("hidden_act", lambda v: v == "silu", "only SwiGLU (silu) FFNs are implemented", "silu")
     heads = c.get("num_attention_heads")
+    theta, scaling = read_rope(c, default_theta)
     kv = c.get("num_key_value_heads", heads)
     hidden = c.get("hidden_size")
     m = {
@@ -106,7 +166,8 @@ def read_common(c: HFConfig, *, default_theta: float = 10000.0) -> dict:
         "n_heads": heads,
         "n_kv_heads": None if kv == heads else kv,
         "max_seq_len": c.get("max_position_embeddings"),
-        "rope_theta": read_rope(c, default_theta),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
         "norm_eps": float(c.get("rms_norm_eps")),
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
         "init_std": float(c.get("initializer_range", 0.02)),
@@ -139,7 +200,7 @@ def common_to_hf(m: ModelConfig, family: str) -> dict:
         "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.kv_heads,
         "max_position_embeddings": m.max_seq_len,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_parameters": rope_to_hf(m),
         "rms_norm_eps": m.norm_eps,
         "tie_word_embeddings": m.tie_embeddings,
         "initializer_range": m.init_std,
