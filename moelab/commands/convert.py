@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     src.add_argument("--to-hf", metavar="RUN", help="moelab run folder to export")
     p.add_argument("--out", required=True, help="destination folder (must not exist or be empty)")
     p.add_argument("--family", choices=FAMILY_NAMES, help="Hugging Face family to export to (with --to-hf)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="with --to-hf: split weights into safetensors shards of at most SIZE "
+                        "(e.g. 5GB, 500MB, bytes), with an index as transformers writes (default 5GB)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=run)
 
@@ -30,6 +33,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moelab.commands import raise_user
     from moelab.interop import InteropError, export_hf, import_hf
+    from moelab.interop.hf import parse_size
     try:
         if args.from_hf:
             if args.family:
@@ -39,7 +43,7 @@ def run(args) -> int:
         else:
             if not args.family:
                 raise_user(f"--to-hf needs --family ({', '.join(FAMILY_NAMES)})")
-            notes = export_hf(args.to_hf, args.out, args.family)
+            notes = export_hf(args.to_hf, args.out, args.family, parse_size(args.max_shard_size))
             summary = {"exported": args.to_hf, "folder": args.out, "family": args.family}
     except InteropError as e:
         raise_user(str(e))

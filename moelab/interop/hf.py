@@ -35,6 +35,7 @@ PathLike = Union[str, Path]
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # transformers' long-standing default, "5GB"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -244,10 +245,13 @@ def import_hf(hf_dir: PathLike, out_run: PathLike) -> list[str]:
     return notes
 
 
-def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: str) -> list[str]:
-    """Write a moelab run as an HF folder of ``family_name`` (config.json, model.safetensors,
-    tokenizer.json when the run has one). Refuses models the family cannot express; returns notes
-    on what was dropped (training-only settings)."""
+def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: str,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write a moelab run as an HF folder of ``family_name`` (config.json, the weights, and
+    tokenizer.json when the run has one). Weights over ``max_shard_bytes`` are split into
+    ``model-0000i-of-0000n.safetensors`` shards with a ``model.safetensors.index.json``, as
+    transformers writes them. Refuses models the family cannot express; returns notes on what
+    was dropped (training-only settings)."""
     from moelab.train.checkpoint import (CheckpointError, WEIGHTS_FILE, load_tensors, read_config,
                                          save_tensors, write_json)
     run_dir = Path(run_dir)
@@ -264,10 +268,61 @@ def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: str) -> list[st
     tensors = ours_to_hf(fam.KEYMAP, cfg.model, state, rope_interleave=True)
     with _Staging(out_dir) as tmp:
         write_json(tmp / HF_CONFIG, hf_cfg)
-        save_tensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
+        shards = plan_shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_tensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
+        else:
+            weight_map = {}
+            for i, keys in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_tensors(tmp / name, {k: tensors[k] for k in keys}, {"format": "pt"})
+                weight_map.update(dict.fromkeys(keys, name))
+            total = sum(_nbytes(t) for t in tensors.values())
+            write_json(tmp / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         if not _copy_tokenizer(run_dir, tmp, extras=True):
             notes.append(f"{run_dir} has no {TOKENIZER}; the folder has no tokenizer")
     return notes
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Tensor names per shard, in order, each shard at most ``max_bytes`` unless one tensor alone
+    is larger (it then gets a shard of its own, as transformers does)."""
+    if max_bytes < 1:
+        raise InteropError(f"max shard size = {max_bytes} bytes is invalid: must be > 0")
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        n = _nbytes(t)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '40KB' (powers of 1000, as transformers reads them), 'GiB'/'MiB'/'KiB'
+    (powers of 1024) or plain bytes -> bytes."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    t = text.strip().upper()
+    for unit, scale in units.items():
+        if t.endswith(unit):
+            number = t[: -len(unit)].strip()
+            break
+    else:
+        number, scale = t, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise InteropError(f"max shard size = {text!r} is invalid: use bytes or a size like 5GB, 500MB") from None
+    if value < 1:
+        raise InteropError(f"max shard size = {text!r} is invalid: must be > 0")
+    return int(value)
 
 
 def _check_state(state: dict, expected: dict, source: str) -> None:

@@ -181,3 +181,16 @@ def test_cli_round_trip_and_errors(mixtral_dir, tmp_path, capsys):
     assert main(["convert", "--from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "z")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_shard_plan_and_sizes():
+    import torch
+    from moelab.interop import InteropError
+    from moelab.interop.hf import parse_size, plan_shards
+    t = {"a": torch.zeros(10), "b": torch.zeros(30), "c": torch.zeros(5), "d": torch.zeros(5)}   # 40/120/20/20 B
+    assert plan_shards(t, 100) == [["a"], ["b"], ["c", "d"]]          # b alone exceeds: its own shard
+    assert plan_shards(t, 10**9) == [["a", "b", "c", "d"]]
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500 MiB") == 500 * 2**20 and parse_size("1234") == 1234
+    for bad in ("big", "0", "-1MB"):
+        with pytest.raises(InteropError, match="max shard size"):
+            parse_size(bad)

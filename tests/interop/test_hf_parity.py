@@ -128,3 +128,27 @@ def test_native_models_export(family, preset, overrides, tmp_path):
     hf_logits, hf_ids = hf_forward(hf, x)
     assert (hf_logits - logits).abs().max() < TOL
     assert same_choices(hf_ids, ids)
+
+
+def test_export_in_shards_loads_in_transformers_and_back(tmp_path):
+    _, _, kwargs = next(c for c in ALL_CASES if c[0] == "mixtral")
+    hf = hf_model("mixtral", kwargs)
+    x = _tokens()
+    hf_logits, _ = hf_forward(hf, x)
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    import_hf(src, tmp_path / "run2")
+    export_hf(tmp_path / "run2", tmp_path / "out", "mixtral", max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "out" / "model.safetensors").exists()
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    sizes = {name: (tmp_path / "out" / name).stat().st_size for name in shards}
+    total = sum(t.numel() * t.element_size() for name in shards for t in load_file(tmp_path / "out" / name).values())
+    assert index["metadata"]["total_size"] == total
+    big = max(t.numel() * t.element_size() for t in hf.state_dict().values())
+    assert all(size < max(60_000, big) + 10_000 for size in sizes.values())       # header slack
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    assert (hf_forward(reloaded.eval(), x)[0] - hf_logits).abs().max() < TOL
+    import_hf(tmp_path / "out", tmp_path / "run3")                                  # and back in
+    assert (our_forward(moelab.load(tmp_path / "run3"), x)[0] - hf_logits).abs().max() < TOL
