@@ -20,7 +20,10 @@ memory-hungry here:
 Three GEMM engines run the per-expert products:
 - "grouped_mm" backend: ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm`` on torch
   2.9), one kernel per GEMM with the per-expert offsets kept on the device, so the dropless path
-  never synchronises with the host. The default on CUDA.
+  never synchronises with the host. The default on CUDA. torch's fused kernel takes bf16 on
+  compute capability 9.0+ (H100); other dtypes and older GPUs go through torch's own fallback, a
+  per-group loop that reads the offsets back to the host (pytorch/pytorch#161407, #162059), so
+  train on CUDA under bf16 autocast (the trainer's default there).
 - "loop" backend, plain: one ``torch.mm`` per non-empty expert writing into a slice of a
   preallocated buffer (a loop over experts, never over tokens), over tiles of consecutive experts
   so that gathered rows and elementwise temporaries stay tile-sized (cache-friendly, low peak
