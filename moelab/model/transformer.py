@@ -18,10 +18,10 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.model.attention import AttentionContext, RMSNorm, build_attention
-from moelab.model.rope import rope_tables
 from moelab.model.ffn import SwiGLU
 from moelab.model.linear_cross_entropy import linear_cross_entropy
 from moelab.model.moe import MoE, RouterStats
+from moelab.model.rope import rope_tables
 
 
 @dataclass
@@ -175,12 +175,14 @@ class Transformer(nn.Module):
 
     @property
     def lm_weight(self) -> torch.Tensor:
-        """The (V, D) output projection: the embedding when tied."""
+        """The (V, D) output projection: the embedding when tied. The fused loss reads it
+        directly (not through ``lm_head``'s forward), so a sharding wrapper must keep the head's
+        parameters with the root module, as FSDP2 does by default."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Normed hidden states (..., D) -> vocabulary logits (..., V), tied or not."""
-        return F.linear(x, self.lm_weight)
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
     # ---- generation (moelab.generate holds the loop) -------------------------------------------
     def generate(self, prompts, options=None, **kwargs):
