@@ -56,6 +56,8 @@ def test_unsupported_family(mixtral_dir, tmp_path):
     (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}), "rope_type"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                            "original_max_position_embeddings": 16, "long_factor": [1.0]}), "long_factor"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0}), "original_max_position_embeddings = None"),
     (dict(sliding_window=16), "sliding_window = 16"),
     (dict(hidden_act="gelu"), "hidden_act = 'gelu'"),
     (dict(num_experts_per_tok=1), "num_experts_per_tok = 1"),

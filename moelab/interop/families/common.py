@@ -103,6 +103,11 @@ def read_rope(c: HFConfig, default_theta: float) -> tuple[float, dict]:
         unknown = sorted(set(d) - ROPE_KEYS)
         if unknown:
             c.fail(f"{name}.{unknown[0]}", d[unknown[0]], "not a RoPE parameter moelab implements")
+        required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings"), "yarn": ("original_max_position_embeddings",)}[kind]
+        for key in required:
+            if d.get(key) is None:
+                c.fail(f"{name}.{key}", None, f"required for rope_type {kind!r}")
         scaling = _rope_scaling(c, kind, d)
     return float(theta), scaling
 
