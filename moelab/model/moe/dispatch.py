@@ -45,7 +45,7 @@ def plan_dispatch(routing: Routing, num_experts: int, keep_NK: Optional[torch.Te
     else:
         keep = keep_NK.flatten()
         sort_key = torch.where(keep, flat_ids, num_experts)           # dropped rows sort last
-        counts_E = torch.bincount(flat_ids[keep], minlength=num_experts)
+        counts_E = expert_histogram(flat_ids, num_experts, keep)
         order = torch.argsort(sort_key, stable=True)[: int(keep.sum())]  # one sync, capacity only
     return DispatchPlan(
         token_idx_M=order // K,

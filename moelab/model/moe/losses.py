@@ -7,14 +7,18 @@ to the caller, who adds it to the task loss. Nothing is accumulated globally.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-def expert_histogram(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert, (E,) int64. Not ``torch.bincount``: on CUDA it reads the largest id
-    back to the host to size its output, a sync in every layer; a scatter-add into E bins is not."""
+def expert_histogram(ids: torch.Tensor, num_experts: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Assignments per expert, (E,) int64, counting only those where ``keep`` (same shape as
+    ``ids``) is True when given. Not ``torch.bincount``: on CUDA it reads the largest id back to
+    the host to size its output, a sync in every layer; a scatter-add into E bins is not."""
     ids = ids.flatten()
-    return ids.new_zeros(num_experts).scatter_add_(0, ids, torch.ones_like(ids))
+    counts = torch.ones_like(ids) if keep is None else keep.flatten().to(ids.dtype)
+    return ids.new_zeros(num_experts).scatter_add_(0, ids, counts)
 
 
 def expert_counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -103,7 +103,7 @@ def capacity_keep_mask(routing: Routing, num_experts: int, slots: int, policy: s
     by_expert = torch.argsort(flat_ids[order], stable=True)  # grouped by expert, priority kept
     ranked = order[by_expert]                                # flat assignment index, sorted
     sorted_ids = flat_ids[ranked]
-    counts_E = torch.bincount(sorted_ids, minlength=num_experts)
+    counts_E = expert_histogram(sorted_ids, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_in_expert = torch.arange(N * K, device=ids_NK.device) - starts_E[sorted_ids]
     keep = torch.empty(N * K, dtype=torch.bool, device=ids_NK.device)
