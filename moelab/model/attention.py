@@ -20,22 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
+from moelab.model.norm import RMSNorm
 from moelab.model.rope import apply_rope, softmax_scale_factor
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019); statistics in float32 for bf16 stability."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        return self.weight * y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
