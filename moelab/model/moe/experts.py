@@ -353,6 +353,48 @@ class RowMap:
         return acc
 
 
+def swiglu_forward(gate_up_R2H: torch.Tensor, weight_R: Optional[torch.Tensor]) -> torch.Tensor:
+    """silu(gate) * up [* weight]: (R, H)."""
+    H = gate_up_R2H.shape[1] // 2
+    h_RH = F.silu(gate_up_R2H[:, :H]).mul_(gate_up_R2H[:, H:])
+    if weight_R is not None:
+        h_RH.mul_(weight_R[:, None].to(h_RH.dtype))
+    return h_RH
+
+
+def swiglu_backward(gate_up_R2H: torch.Tensor, dh_RH: torch.Tensor, weight_R: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The SwiGLU's elementwise backward, given dL/d(h w) from the down projection.
+
+    Returns (h * w, the down projection's input; dL/d(gate | up), (R, 2H); dL/dw, (R,) float32 or
+    None). ``dh_RH`` is overwritten."""
+    H = gate_up_R2H.shape[1] // 2
+    gate, up = gate_up_R2H[:, :H], gate_up_R2H[:, H:]
+    silu_RH = F.silu(gate)
+    h_RH = silu_RH * up
+    grad_w_R = None
+    if weight_R is not None:
+        w_R1 = weight_R[:, None].to(h_RH.dtype)
+        grad_w_R = (torch.linalg.vecdot(dh_RH, h_RH) if h_RH.dtype == weight_R.dtype
+                    else (dh_RH * h_RH).sum(-1, dtype=weight_R.dtype))
+        h_RH.mul_(w_R1)
+        dh_RH.mul_(w_R1)
+    dgate_up = torch.empty_like(gate_up_R2H)                                  # (R, 2H)
+    torch.mul(dh_RH, silu_RH, out=dgate_up[:, H:])
+    torch.mul(dh_RH, up, out=silu_RH)                                          # reuse the buffer
+    torch.ops.aten.silu_backward(silu_RH, gate, grad_input=dgate_up[:, :H])
+    return h_RH, dgate_up, grad_w_R
+
+
+class _Elementwise:
+    """The SwiGLU elementwise kernels the experts call (swappable for fused versions)."""
+    forward = staticmethod(swiglu_forward)
+    backward = staticmethod(swiglu_backward)
+
+
+ELEMENTWISE = _Elementwise()
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     """y = combine(weight * down(silu(gate(x)) * up(x))) over expert-sorted rows; see the module
     docstring for what is saved and recomputed."""
@@ -376,11 +418,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     gate_up = _rows_mm(x_RD, w_gate_up, tile, transpose=True,
                                        out=gate_up_M2H[tile.start:tile.end])  # (R, 2H)
                 del x_RD
-                h_RH = F.silu(gate_up[:, :H]).mul_(gate_up[:, H:])
-                if weight_M is not None:
-                    # the combine weight is applied before the (linear) down projection: one
-                    # (R, H) multiply instead of an (R, D) one
-                    h_RH.mul_(weight_M[tile.start:tile.end, None].to(h_RH.dtype))
+                # the combine weight is applied before the (linear) down projection: one (R, H)
+                # multiply instead of an (R, D) one
+                w_R = None if weight_M is None else weight_M[tile.start:tile.end]
+                h_RH = ELEMENTWISE.forward(gate_up, w_R)
                 rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)  # (R, D)
             return acc, grouped_gate_up
 
@@ -415,21 +456,13 @@ class _GroupedSwiGLU(torch.autograd.Function):
             grad_x = rows.new_output(x, gate_up_M2H.shape[0]) if ctx.needs_input_grad[0] else None
             for tile in group:
                 dy_RD = rows.gather(grad_out, tile)                               # (R, D)
-                gate, up = gate_up_M2H[tile.start:tile.end].chunk(2, dim=-1)      # (R, H) each
-                silu_RH = F.silu(gate)
-                h_RH = silu_RH * up
                 dh_RH = _rows_mm(dy_RD, w_down, tile, transpose=False)           # dL/d(h w)
-                if weight_M is not None:
-                    w_R1 = weight_M[tile.start:tile.end, None].to(h_RH.dtype)
-                    grad_weight[tile.start:tile.end] = (dh_RH * h_RH).sum(-1, dtype=grad_weight.dtype)
-                    h_RH.mul_(w_R1)
-                    dh_RH.mul_(w_R1)
+                w_R = None if weight_M is None else weight_M[tile.start:tile.end]
+                h_RH, dgate_up, grad_w_R = ELEMENTWISE.backward(gate_up_M2H[tile.start:tile.end], dh_RH, w_R)
+                if grad_w_R is not None:
+                    grad_weight[tile.start:tile.end] = grad_w_R
                 gw_down = _weights_mm(dy_RD, h_RH, tile, gw_down)                 # (E, D, H)
-                del h_RH, dy_RD                               # free before the next (R, D) buffers
-                dgate_up = torch.empty_like(gate_up_M2H[tile.start:tile.end])     # (R, 2H)
-                torch.ops.aten.silu_backward(dh_RH * up, gate, grad_input=dgate_up[:, :H])
-                torch.mul(dh_RH, silu_RH, out=dgate_up[:, H:])
-                del dh_RH, silu_RH
+                del h_RH, dy_RD, dh_RH                        # free before the next (R, D) buffers
                 gw_gate_up = _weights_mm(dgate_up, rows.gather(x, tile), tile, gw_gate_up)  # (E, 2H, D)
                 if grad_x is not None:
                     rows.scatter(grad_x, _rows_mm(dgate_up, w_gate_up, tile, transpose=False), tile)
