@@ -386,15 +386,6 @@ def swiglu_backward(gate_up_R2H: torch.Tensor, dh_RH: torch.Tensor, weight_R: Op
     return h_RH, dgate_up, grad_w_R
 
 
-class _Elementwise:
-    """The SwiGLU elementwise kernels the experts call (swappable for fused versions)."""
-    forward = staticmethod(swiglu_forward)
-    backward = staticmethod(swiglu_backward)
-
-
-ELEMENTWISE = _Elementwise()
-
-
 class _GroupedSwiGLU(torch.autograd.Function):
     """y = combine(weight * down(silu(gate(x)) * up(x))) over expert-sorted rows; see the module
     docstring for what is saved and recomputed."""
@@ -421,7 +412,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 # the combine weight is applied before the (linear) down projection: one (R, H)
                 # multiply instead of an (R, D) one
                 w_R = None if weight_M is None else weight_M[tile.start:tile.end]
-                h_RH = ELEMENTWISE.forward(gate_up, w_R)
+                h_RH = swiglu_forward(gate_up, w_R)
                 rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)  # (R, D)
             return acc, grouped_gate_up
 
@@ -458,7 +449,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 dy_RD = rows.gather(grad_out, tile)                               # (R, D)
                 dh_RH = _rows_mm(dy_RD, w_down, tile, transpose=False)           # dL/d(h w)
                 w_R = None if weight_M is None else weight_M[tile.start:tile.end]
-                h_RH, dgate_up, grad_w_R = ELEMENTWISE.backward(gate_up_M2H[tile.start:tile.end], dh_RH, w_R)
+                h_RH, dgate_up, grad_w_R = swiglu_backward(gate_up_M2H[tile.start:tile.end], dh_RH, w_R)
                 if grad_w_R is not None:
                     grad_weight[tile.start:tile.end] = grad_w_R
                 gw_down = _weights_mm(dy_RD, h_RH, tile, gw_down)                 # (E, D, H)
