@@ -64,7 +64,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     backward above. Tracing compilers (torch.compile, export) get ``F.rms_norm`` itself, which
     they decompose and fuse on their own."""
     if torch.compiler.is_compiling():
-        if x.dtype == weight.dtype:
+        if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
     return _RMSNormFunction.apply(x, weight, eps)

@@ -18,10 +18,10 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.model.attention import AttentionContext, build_attention
-from moelab.model.norm import RMSNorm
 from moelab.model.ffn import SwiGLU
 from moelab.model.linear_cross_entropy import linear_cross_entropy
 from moelab.model.moe import MoE, RouterStats
+from moelab.model.norm import RMSNorm
 from moelab.model.rope import rope_tables
 
 
