@@ -11,8 +11,8 @@ with a fresh buffer per pass. The closed form
     dL/dw = sum_n g * xhat
     dL/dx = r * (g*w - xhat * mean(g*w * xhat))
 
-needs five, and saves only x and the (N, 1) r. Measured on (8, 256, 256) fp32, 2 threads:
-4.2 -> 2.1 ms per forward + backward; a MoE training step runs nine of them.
+needs five, and saves only x and the (N, 1) r (in isolation, (8, 256, 256) fp32, 2 threads:
+about half the time of autograd's; inside a whole training step the gain is about 1%).
 
 Statistics are computed in float32 (float64 stays float64), so bf16 activations normalise
 stably; the output has the input's dtype times the weight's (as ``weight * normed`` would).
