@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from moelab.config import Config, ConfigError, ModelConfig, MoEConfig, MLAConfig, TrainConfig
+from moelab.config import (
+    Config, ConfigError, ModelConfig, MoEConfig, MLAConfig, ParallelConfig, TrainConfig,
+)
 from moelab.model.moe import MoE, MoEOutput, RouterStats
 from moelab.model.transformer import ModelOutput, Transformer
 
@@ -45,7 +47,7 @@ def load(run_dir: Union[str, Path], device: str = "cpu") -> Transformer:
 
 
 __all__ = [
-    "Config", "ConfigError", "ModelConfig", "MoEConfig", "MLAConfig", "TrainConfig",
+    "Config", "ConfigError", "ModelConfig", "MoEConfig", "MLAConfig", "ParallelConfig", "TrainConfig",
     "MoE", "MoEOutput", "RouterStats", "ModelOutput", "Transformer",
     "build", "load", "resolve_config",
 ]

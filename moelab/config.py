@@ -32,6 +32,8 @@ AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["none", "head", "full"]
 DropPolicy = Literal["position", "score"]
 RopeKind = Literal["default", "linear", "llama3", "yarn"]
+BalanceScope = Literal["micro", "global"]
+Objective = Literal["clm", "mlm"]
 
 ROUTER_KINDS = typing.get_args(RouterKind)
 ATTENTION_KINDS = typing.get_args(AttentionKind)
@@ -72,6 +74,11 @@ class MoEConfig:
     aux_loss_coef: float = 0.01       # Switch load-balancing loss
     seq_aux_loss_coef: float = 0.0    # DeepSeek-V3 sequence-wise balance loss
     z_loss_coef: float = 0.0          # ST-MoE router z-loss
+    # Over which tokens the balance loss counts expert frequencies: "micro" = this process's
+    # micro-batch; "global" = the micro-batch of every data-parallel rank (the frequencies are
+    # all-reduced before the loss, Qiu et al. 2025, "Demons in the Detail"). In one process the
+    # two are the same; "global" is what makes an N-process run equal the 1-process run.
+    balance_scope: BalanceScope = "global"
     num_shared_experts: int = 0
     shared_expert_hidden: Optional[int] = None  # per shared expert; None = expert_hidden
     shared_expert_gate: bool = False  # Qwen2-MoE sigmoid gate on the shared expert
@@ -133,6 +140,9 @@ class ModelConfig:
     attn_bias: bool = False            # bias on q/k/v projections (Qwen2)
     qk_norm: QKNorm = "none"           # RMSNorm on q and k: per head (Qwen3) or whole (OLMoE)
     init_std: float = 0.02
+    # Causal (decoder) attention; false = bidirectional (an encoder, BERT-style, for train.objective
+    # = "mlm"). Generation and the KV cache need a causal model.
+    causal: bool = True
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -185,11 +195,36 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
+    # also checkpoint when this much training time has passed since the last save (whichever of
+    # save_every / save_every_minutes comes first); none = steps only
+    save_every_minutes: Optional[float] = 5.0
     keep_checkpoints: int = 2
     log_every: int = 10
     skip_nonfinite: bool = False
     device: str = "auto"               # auto | cpu | cuda
     compile: bool = False
+    # "clm": next-token prediction (decoders); "mlm": BERT's masked LM (needs model.causal = false):
+    # mlm_probability of the tokens are selected, of those 80% become the mask token, 10% a random
+    # token and 10% stay; the loss is taken on the selected positions only (Devlin et al. 2019)
+    objective: Objective = "clm"
+    mlm_probability: float = 0.15
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How a run spreads over processes (torchrun). With one process every field is ignored.
+
+    ``dp_shard``: FSDP2 sharding degree; -1 = all ranks. Ranks beyond it replicate (HSDP):
+    world size = dp_replicate * dp_shard. ``ep``: expert-parallel degree; each MoE layer's experts
+    are split evenly over ``ep`` ranks taken from the sharding dimension, and expert weights are
+    sharded by FSDP over what is left of it (dp_shard / ep), as torchtitan lays out its 2-D mesh.
+    """
+
+    ep: int = 1
+    dp_shard: int = -1
+    # recompute each block's activations in the backward (torch.utils.checkpoint): less memory,
+    # about a third more compute
+    activation_checkpointing: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,12 +241,27 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
         """Check every field; raise ConfigError naming the first bad one. Returns self."""
         _validate_model(self.model)
         _validate_train(self.train)
         _validate_data(self.data)
+        _validate_parallel(self.parallel)
+        if self.train.objective == "mlm" and self.model.causal:
+            _fail("train.objective", self.train.objective,
+                  "needs a bidirectional model: set model.causal = false")
+        return self
+
+    def validate_for_training(self) -> "Config":
+        """``validate`` plus the checks that only matter when this config trains (an imported
+        model's run folder keeps default train settings it will never use). Returns self."""
+        self.validate()
+        if self.train.seq_len > self.model.max_seq_len:
+            _fail("train.seq_len", self.train.seq_len,
+                  f"must be <= model.max_seq_len ({self.model.max_seq_len}): the model has no "
+                  "positions beyond it")
         return self
 
     def to_dict(self) -> dict:
@@ -322,6 +372,7 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
     _one_of(f"{p}.router", moe.router, ROUTER_KINDS)
     _one_of(f"{p}.group_score", moe.group_score, typing.get_args(GroupScore))
     _one_of(f"{p}.drop_policy", moe.drop_policy, typing.get_args(DropPolicy))
+    _one_of(f"{p}.balance_scope", moe.balance_scope, typing.get_args(BalanceScope))
     if moe.top_k < 1:
         _fail(f"{p}.top_k", moe.top_k, "must be >= 1")
     n_moe = len(m.moe_layer_indices())
@@ -370,11 +421,24 @@ def _validate_train(t: TrainConfig, p: str = "train") -> None:
         if not 0 <= getattr(t, name) < 1:
             _fail(f"{p}.{name}", getattr(t, name), "must be in [0, 1)")
     _at_least(f"{p}.grad_clip", t.grad_clip, 0)
+    if t.save_every_minutes is not None:
+        _positive(f"{p}.save_every_minutes", t.save_every_minutes)
+    _one_of(f"{p}.objective", t.objective, typing.get_args(Objective))
+    if not 0 < t.mlm_probability < 1:
+        _fail(f"{p}.mlm_probability", t.mlm_probability, "must be in (0, 1)")
     if t.max_tokens is not None:
         _positive(f"{p}.max_tokens", t.max_tokens)
     if t.max_minutes is not None:
         _positive(f"{p}.max_minutes", t.max_minutes)
     _one_of(f"{p}.device", t.device, ("auto", "cpu", "cuda"))
+
+
+def _validate_parallel(par: ParallelConfig, p: str = "parallel") -> None:
+    """Field ranges only; whether a layout fits a world size and the model is checked by
+    ``moelab.parallel.layout`` once the number of processes is known."""
+    _positive(f"{p}.ep", par.ep)
+    if par.dp_shard != -1 and par.dp_shard < 1:
+        _fail(f"{p}.dp_shard", par.dp_shard, "must be >= 1, or -1 for all ranks")
 
 
 def _validate_data(d: DataConfig, p: str = "data") -> None:
@@ -527,7 +591,8 @@ def _split(override: str) -> tuple[str, str]:
 
 
 def load_toml(path: str | Path) -> Config:
-    """Read a config TOML: ``[model]``, ``[model.moe]``, ``[train]`` and ``[data]`` tables."""
+    """Read a config TOML: ``[model]``, ``[model.moe]``, ``[train]``, ``[data]`` and ``[parallel]``
+    tables."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")

@@ -26,6 +26,12 @@ from moelab.config import Config, ConfigError, apply_overrides, load_toml
     ("train.batch_size=0", "train.batch_size", "> 0"),
     ("data.val_fraction=1.5", "data.val_fraction", "(0, 1)"),
     ("model.d_model='wide'", "model.d_model", "wrong type"),
+    ("parallel.ep=0", "parallel.ep", "> 0"),
+    ("parallel.dp_shard=0", "parallel.dp_shard", "-1 for all ranks"),
+    ("model.moe.balance_scope='batch'", "model.moe.balance_scope", "micro"),
+    ("train.save_every_minutes=0", "train.save_every_minutes", "> 0"),
+    ("train.objective='mlm'", "train.objective", "model.causal = false"),
+    ("train.mlm_probability=1.0", "train.mlm_probability", "(0, 1)"),
 ])
 def test_invalid_values_name_field_value_and_range(override, field, words):
     with pytest.raises(ConfigError) as err:
@@ -70,3 +76,11 @@ def test_toml_round_trip(tmp_path):
 def test_unknown_preset_suggests():
     with pytest.raises(ConfigError, match="did you mean 'mixtral'"):
         moelab.build("mixtrel")
+
+
+def test_training_checks_seq_len_against_the_model_context():
+    cfg = moelab.resolve_config("dense", ["model.max_seq_len=64", "train.seq_len=128"])  # a model: fine
+    with pytest.raises(ConfigError) as err:
+        cfg.validate_for_training()
+    assert "train.seq_len" in str(err.value) and "model.max_seq_len (64)" in str(err.value)
+    moelab.resolve_config("dense", ["model.max_seq_len=64", "train.seq_len=64"]).validate_for_training()

@@ -52,7 +52,7 @@ def run(args) -> int:
                 tokenizer = Path(args.init_from) / TOKENIZER_FILE
                 if data.tokenizer is None and tokenizer.is_file():
                     data = dataclasses.replace(data, tokenizer=str(tokenizer))
-                cfg = type(cfg)(model=source.model, train=cfg.train, data=data).validate()
+                cfg = dataclasses.replace(cfg, model=source.model, data=data).validate()
             name = args.preset or (Path(args.config).stem if args.config else "model")
             run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             if checkpoint_dirs(run_dir):

@@ -95,7 +95,7 @@ def plan_compare(models: list[str], budget_text: str, overrides: list[str], out_
     for spec, name in zip(models, names):
         cfg = resolve_config(spec, overrides)          # raises a named ConfigError on bad input
         extra = budget_overrides(budget, cfg.train.batch_size, cfg.train.seq_len)
-        resolve_config(spec, overrides + extra)
+        resolve_config(spec, overrides + extra).validate_for_training()
         entries.append({"name": name, "spec": spec, "run_dir": str(out_dir / "runs" / name),
                         "train_args": _model_args(spec) + sum((["--set", o] for o in overrides + extra), [])})
     plan = {"models": entries, "budget": budget_text, "overrides": overrides, "command": command,

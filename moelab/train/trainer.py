@@ -141,6 +141,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     """Train (or resume) the run in ``run_dir``; returns its summary (also in summary.json)."""
     from moelab.data import TokenBatches, prepare_data, val_batches
 
+    cfg.validate_for_training()                      # before any file or data work
     run_dir = Path(run_dir)
     t_cfg = cfg.train
     ckpt_data = None

@@ -50,7 +50,7 @@ def test_folders_round_trip(family, case, kwargs, tmp_path):
 
     import_hf(src, tmp_path / "run")
     run_cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert set(run_cfg) == {"model", "train", "data"}
+    assert set(run_cfg) == {"model", "train", "data", "parallel"}
     assert (tmp_path / "run" / "tokenizer.json").read_text() == '{"model": "fake"}'
     ours = moelab.load(tmp_path / "run")
     logits, ids = our_forward(ours, x)
