@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from moelab.config import ConfigError
 from moelab.model.moe.dispatch import plan_dispatch
+from moelab.model.moe.experts import clear_expert_views
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
@@ -129,12 +130,18 @@ def sampling_options(options: Optional[SamplingOptions] = None, **kwargs: Any) -
 def _one_token_experts(moe: "MoE", x_1D: torch.Tensor, ids_1K: torch.Tensor,
                        weights_1K: torch.Tensor) -> torch.Tensor:
     """The K chosen experts of a single token, summed with their weights: (1, D). Reading K ids
-    on the host costs nothing on CPU and saves the sort/count/loop over all E experts."""
+    on the host costs nothing on CPU and saves the sort/count/loop over all E experts: only the
+    chosen experts' weights are read (float or int8 alike, through ``expert_forward``)."""
     experts, out_1D = moe.experts, None
-    for k, e in enumerate(ids_1K[0].tolist()):
-        gate, up = F.linear(x_1D, experts.w_gate_up[e]).chunk(2, dim=-1)         # (1, H) each
-        y_1D = F.linear(F.silu(gate) * up, experts.w_down[e]) * weights_1K[:, k:k + 1].to(x_1D.dtype)
-        out_1D = y_1D if out_1D is None else out_1D + y_1D
+    if torch.compiler.is_compiling():      # the ids become symbolic ints; weights stay tensors
+        for k, e in enumerate(ids_1K[0].tolist()):
+            y_1D = experts.expert_forward(e, x_1D) * weights_1K[:, k:k + 1].to(x_1D.dtype)  # (1, D)
+            out_1D = y_1D if out_1D is None else out_1D + y_1D
+        return out_1D
+    # eagerly the weights come to the host with the ids: one fused multiply-add per expert
+    for e, w in zip(ids_1K[0].tolist(), weights_1K[0].tolist()):
+        y_1D = experts.expert_forward(e, x_1D)                                          # (1, D)
+        out_1D = y_1D.mul_(w) if out_1D is None else out_1D.add_(y_1D, alpha=w)
     return out_1D
 
 
@@ -399,25 +406,32 @@ def _eos_id(tokenizer: Optional["Tokenizer"]) -> Optional[int]:
 @torch.inference_mode()
 def stream(model: "Transformer", prompts: Prompts, options: Optional[SamplingOptions] = None, *,
            tokenizer: Optional["Tokenizer"] = None, trace_experts: bool = False,
-           compile: bool = False, **kwargs: Any) -> Iterator[Step]:
+           compile: bool = False, dtype: Union[None, str, torch.dtype] = None,
+           quantize: Optional[str] = None, **kwargs: Any) -> Iterator[Step]:
     """Generate step by step, yielding a :class:`Step` as soon as each token is sampled.
 
     Prompts of different lengths are left-padded into one batch (``Cache(pad_B=...)``). A row
     finishes at a stop token, a stop string, ``max_new_tokens`` or the end of the context; the
     loop ends when every row has. The model runs in eval mode meanwhile (restored afterwards).
     ``compile=True`` runs the decode step under ``torch.compile`` (see ``_decode_step``).
+    ``dtype`` ("float32" | "bfloat16") and ``quantize`` ("int8", weight-only, needs torchao)
+    convert the model *in place* first, once (see :func:`moelab.quantize.prepare`).
     """
     opts = sampling_options(options, **kwargs)
     if opts.stop and tokenizer is None:
         raise GenerationError("stop", "stop strings need a tokenizer (pass tokenizer=)")
     rows = encode_prompts(prompts, tokenizer)
     _check_prompts(rows, model)
+    if dtype is not None or quantize is not None:
+        from moelab.quantize import prepare
+        prepare(model, dtype, quantize)
     was_training = model.training
     model.eval()
     try:
         compile = compile and (len(rows) == 1 or not model.moe_layers())
         yield from _decode_n(model, rows, opts, tokenizer, trace_experts, _decode_step(compile))
     finally:
+        clear_expert_views(model)
         model.train(was_training)
 
 
@@ -478,11 +492,13 @@ def _decode_n(model: "Transformer", rows: list[list[int]], opts: SamplingOptions
 
 def generate(model: "Transformer", prompts: Prompts, options: Optional[SamplingOptions] = None, *,
              tokenizer: Optional["Tokenizer"] = None, trace_experts: bool = False,
-             compile: bool = False, **kwargs: Any) -> Generation:
+             compile: bool = False, dtype: Union[None, str, torch.dtype] = None,
+             quantize: Optional[str] = None, **kwargs: Any) -> Generation:
     """Generate for one prompt or a batch and collect the result; see :func:`stream`.
 
     ``generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, temperature=0)`` or, with a
-    tokenizer, ``generate(model, "def main(", tokenizer=tok, top_p=0.9, seed=0)``.
+    tokenizer, ``generate(model, "def main(", tokenizer=tok, top_p=0.9, seed=0)``; add
+    ``dtype="bfloat16"`` and/or ``quantize="int8"`` for the smaller, faster weight formats.
     """
     tokens: list[list[int]] = []
     text: list[str] = []
@@ -490,7 +506,7 @@ def generate(model: "Transformer", prompts: Prompts, options: Optional[SamplingO
     reasons: list[str] = []
     start = time.perf_counter()
     for step in stream(model, prompts, options, tokenizer=tokenizer, trace_experts=trace_experts,
-                       compile=compile, **kwargs):
+                       compile=compile, dtype=dtype, quantize=quantize, **kwargs):
         if not tokens:
             B = len(step.tokens)
             tokens, text, experts, reasons = [[] for _ in range(B)], [""] * B, [[] for _ in range(B)], [""] * B

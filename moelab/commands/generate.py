@@ -1,4 +1,7 @@
-"""`moelab generate RUN`: sample text from a run folder's model, streamed as it is produced."""
+"""`moelab generate RUN`: sample text from a run folder's model, streamed as it is produced.
+
+The weights are read straight into the compute dtype (``--dtype``; a bf16 checkpoint stays bf16)
+and optionally quantised to int8 weight-only (``--quantize int8``); see docs/inference.md."""
 
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow first call, faster tokens at batch 1)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: the checkpoint's; bfloat16 with --quantize int8)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weight-only weights (torchao; needs the quant extra): half the bytes of bf16")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end, no streaming")
     p.set_defaults(func=run)
 
@@ -38,12 +45,15 @@ def _load(args):
     """Model and tokenizer of the run folder; every failure names what is wrong."""
     from tokenizers import Tokenizer
 
-    import moelab
+    from moelab.generate import GenerationError
+    from moelab.quantize import load
     from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError
     try:
-        model = moelab.load(args.run, device=args.device)
+        model = load(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except CheckpointError as e:
         raise_user(f"RUN: {e}")
+    except GenerationError as e:   # e.g. --quantize without torchao
+        raise_user(e.for_cli())
     except RuntimeError as e:   # e.g. an unavailable device
         raise_user(f"--device {args.device}: {e}")
     tok_path = Path(args.run) / TOKENIZER_FILE

@@ -364,9 +364,10 @@ def to_transformers(model, family_name: str, *, attn_implementation: str = "sdpa
 
 
 def from_transformers(hf_model, notes: Optional[list[str]] = None):
-    """A moelab Transformer (eval mode) computing what the ``transformers`` model computes."""
-    from moelab.model.transformer import Transformer
-    from moelab.train.checkpoint import load_state_into
+    """A moelab Transformer (eval mode) computing what the ``transformers`` model computes, in
+    its dtype: the parameters are built straight from the converted tensors (a bf16 model is
+    never upcast to float32 on the way)."""
+    from moelab.quantize import cast_parameters_, from_state
     imported = config_from_hf(hf_model.config.to_dict())
     if notes is not None:
         notes.extend(imported.notes)
@@ -376,7 +377,11 @@ def from_transformers(hf_model, notes: Optional[list[str]] = None):
         hf_state.pop("lm_head.weight", None)
     state = hf_to_ours(imported.family.KEYMAP, cfg, expected_state(cfg), set(hf_state), hf_state.__getitem__,
                        layout="module", rope_interleave=imported.rope_interleave)
-    model = Transformer(cfg)
-    load_state_into(model, state, f"transformers {type(hf_model).__name__}")
+    # copies, so the two models do not share storage (stacking experts copies; renames would not)
+    state = {k: v.clone() for k, v in state.items()}
+    try:
+        model = from_state(cfg, state)
+    except ValueError as e:
+        raise InteropError(f"transformers {type(hf_model).__name__} {e}") from None
     param = next(hf_model.parameters())
-    return model.to(device=param.device, dtype=param.dtype).eval()
+    return cast_parameters_(model, param.dtype).to(param.device)

@@ -62,8 +62,9 @@ class _RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``F.rms_norm(x, (D,), weight, eps)`` with statistics in float32 and the closed-form
     backward above. Tracing compilers (torch.compile, export) get ``F.rms_norm`` itself, which
-    they decompose and fuse on their own."""
-    if torch.compiler.is_compiling():
+    they decompose and fuse on their own, and so does inference (no gradient wanted): the same
+    numbers without the autograd Function's per-call cost (4x the time of a decode step's norm)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)

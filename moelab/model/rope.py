@@ -125,5 +125,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, D) by position; cos/sin are (B or 1, 1, T, D)."""
+    """Rotate ``x`` (B, H, T, D) by position; cos/sin are (B or 1, 1, T, D). Without gradients
+    (inference) the rotation runs directly, saving the autograd Function's per-call cost."""
+    if not torch.is_grad_enabled():
+        return _rotate(x, cos, sin, sign=1.0)
     return _Rope.apply(x, cos, sin)

@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -571,11 +572,48 @@ class GroupedExperts(nn.Module):
                 M = tiles[-1].end
         return _GroupedSwiGLU.apply(x_ND, w_gate_up, w_down, weight_M, rows, tiles, M)
 
+    def expert_forward(self, e: int, x_RD: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on a few rows (R, D) -> (R, D), reading only its own weights: what
+        decoding runs for each chosen expert of a single token (``moelab.generate``). Inference
+        only (no autograd Function, no gradient bookkeeping)."""
+        w_gate_up, w_down = expert_views(self, ("w_gate_up", "w_down"), e)
+        gate_up_R2H = F.linear(x_RD, w_gate_up)
+        h_RH = F.silu(gate_up_R2H[:, :self.hidden]).mul_(gate_up_R2H[:, self.hidden:])
+        return F.linear(h_RH, w_down)
+
     def naive_expert(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to one token, written plainly: the reference for tests."""
         gate = self.w_gate_up[e, : self.hidden] @ x_D
         up = self.w_gate_up[e, self.hidden:] @ x_D
         return self.w_down[e] @ (F.silu(gate) * up)
+
+
+# module -> (which tensors, their per-expert views); see ``expert_views``
+_EXPERT_VIEWS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def expert_views(module: nn.Module, names: tuple[str, ...], e) -> list[torch.Tensor]:
+    """``getattr(module, name)[e]`` for each stacked (E, ...) tensor in ``names``.
+
+    Eagerly, the per-expert views are made once and kept aside (a Python list lookup instead of
+    one ``select`` op per weight and expert, which at batch-1 decode is a tenth of a MoE layer's
+    ops); they are remade whenever a tensor is replaced, moved or cast, and
+    ``clear_expert_views`` drops them (generation does when it ends, so no old storage outlives
+    it). Under torch.compile ``e`` may be symbolic, so it indexes the tensors directly."""
+    stacked = [getattr(module, name) for name in names]
+    if torch.compiler.is_compiling():
+        return [t[e] for t in stacked]
+    key = tuple((t.data_ptr(), t.dtype, t.device) for t in stacked)
+    cached = _EXPERT_VIEWS.get(module)
+    if cached is None or cached[0] != key:
+        cached = (key, [t.detach().unbind(0) for t in stacked])
+        _EXPERT_VIEWS[module] = cached
+    return [per_expert[e] for per_expert in cached[1]]
+
+
+def clear_expert_views(model: nn.Module) -> None:
+    for m in model.modules():
+        _EXPERT_VIEWS.pop(m, None)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
