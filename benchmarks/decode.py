@@ -8,7 +8,9 @@ the repeats is reported as new tokens per second (all rows, prefill included), w
 "ours" is ``moelab.generate(..., compile=True)`` (the decode step under torch.compile; compile
 time is spent in the warm-up run and not counted), "eager" the same without compile, and
 "forward loop" a plain loop over ``Transformer.forward(tokens, cache)``, the path that the lean
-decode in ``moelab.generate`` replaces.
+decode in ``moelab.generate`` replaces. "floor" is the time of only the matmuls a step cannot avoid
+(``matmul_floor_ms``), and "max ratio" HF's step time over it: no decoder of these weights, at
+this precision, can beat HF by more, so it says how much of a ratio target the machine allows.
 
     python benchmarks/decode.py                                   # mixtral, batch 1
     python benchmarks/decode.py --model mixtral dense --batch 1 8 --json decode.json
@@ -60,6 +62,41 @@ def hf_tokens(hf_model, prompts_BT: torch.Tensor, new: int) -> torch.Tensor:
     return out[:, prompts_BT.shape[1]:]
 
 
+@torch.inference_mode()
+def matmul_floor_ms(model, batch: int, repeats: int = 50) -> float:
+    """Milliseconds per step of only the matmuls a decode step cannot avoid: every attention,
+    dense-FFN and LM-head weight, the router and, per MoE layer, top_k experts (the distinct
+    experts a batch of ``batch`` tokens reaches, at most top_k * batch, taken as the first ones),
+    each as one ``F.linear`` on ``batch`` rows. Any decoder of these weights, ours or Hugging
+    Face's, spends at least this; HF's time over it bounds the ratio a faster decoder can reach."""
+    import torch.nn.functional as F
+    weights = []
+    for block in model.blocks:
+        weights += [block.attn.qkv.weight, block.attn.out.weight]
+        if block.is_moe:
+            moe = block.ffn
+            reached = min(moe.num_experts, moe.cfg.top_k * batch)
+            weights.append(moe.router.gate)
+            for e in range(reached):
+                weights += [moe.experts.w_gate_up[e], moe.experts.w_down[e]]
+        else:
+            weights += [block.ffn.gate_up.weight, block.ffn.down.weight]
+    weights.append(model.lm_weight)
+    xs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
+
+    def step():
+        for x, w in zip(xs, weights):
+            F.linear(x, w)
+    for _ in range(5):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def timed(fn, *args) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     tokens = fn(*args)
@@ -93,6 +130,8 @@ def run_one(preset: str, batch: int, prompt_len: int, new: int, repeats: int, se
         diff = (tokens["ours"] != tokens["hf"]).any(dim=0).nonzero()
         mismatch = int(diff[0]) if len(diff) else None
     tps = {k: batch * new / statistics.median(v) for k, v in seconds.items()}
+    floor = matmul_floor_ms(model, batch)
+    hf_ms = 1e3 * statistics.median(seconds["hf"]) / new
     return {
         "model": preset, "hf_class": type(hf_model).__name__, "batch": batch,
         "prompt_len": prompt_len, "new_tokens": new, "repeats": repeats,
@@ -103,6 +142,9 @@ def run_one(preset: str, batch: int, prompt_len: int, new: int, repeats: int, se
         "ratio": round(tps["ours"] / tps["hf"], 2),
         "ratio_eager": round(tps["eager"] / tps["hf"], 2),
         "ours_ms_per_step": round(1e3 * statistics.median(seconds["ours"]) / new, 3),
+        "hf_ms_per_step": round(hf_ms, 3),
+        "matmul_floor_ms_per_step": round(floor, 3),
+        "max_ratio_at_floor": round(hf_ms / floor, 2),
         "same_tokens": same, "first_mismatch": mismatch,
     }
 
@@ -137,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['date']}  torch {env['torch']}  transformers {env['transformers']}  "
           f"{env['machine']}")
     header = f"{'model':<8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} " \
-             f"{'eager tok/s':>12} {'ratio':>6} {'forward loop':>13} {'ours ms/step':>13}  same tokens"
+             f"{'eager tok/s':>12} {'ratio':>6} {'forward loop':>13} {'ours ms/step':>13} " \
+             f"{'floor ms':>9} {'max ratio':>9}  same tokens"
     print(header)
     runs = []
     for preset in args.model:
@@ -148,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{preset:<8} {batch:>5} {r['ours_tokens_per_s']:>11.1f} {r['hf_tokens_per_s']:>9.1f} "
                   f"{r['ratio']:>5.2f}x {r['ours_eager_tokens_per_s']:>12.1f} {r['ratio_eager']:>5.2f}x "
                   f"{r['forward_loop_tokens_per_s']:>13.1f} "
-                  f"{r['ours_ms_per_step']:>13.3f}  {same}", flush=True)
+                  f"{r['ours_ms_per_step']:>13.3f} {r['matmul_floor_ms_per_step']:>9.3f} "
+                  f"{r['max_ratio_at_floor']:>8.2f}x  {same}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({**runs[0], **env, "runs": runs}, f, indent=2)

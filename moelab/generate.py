@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from moelab.config import ConfigError
 from moelab.model.moe.dispatch import plan_dispatch
-from moelab.model.moe.experts import clear_expert_views
+from moelab.model.moe.experts import GroupedExperts, clear_expert_views
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
@@ -145,12 +145,42 @@ def _one_token_experts(moe: "MoE", x_1D: torch.Tensor, ids_1K: torch.Tensor,
     return out_1D
 
 
+# A compiled decode step of several rows runs every expert on every row (``_all_experts``) when
+# there are at least this many assignments per expert (N * K / E): then nearly every expert is
+# reached anyway (each is missed with probability about e^-2 under uniform routing), so the
+# weights read are about the same, and the shapes do not depend on the routing, so one graph
+# serves every step. (The grouped engine cannot be traced for float32 on CPU: torch's grouped_mm
+# shape check demands bf16; eagerly it is the faster of the two, measured 3.8 vs 4.5 ms per
+# mixtral-preset layer at batch 8, float32, 1 thread, so eager decoding keeps dispatching.)
+ALL_EXPERTS_MIN_ROWS_PER_EXPERT = 2
+
+
+def uses_all_experts(moe: "MoE", num_tokens: int) -> bool:
+    return (isinstance(moe.experts, GroupedExperts)
+            and num_tokens * moe.cfg.top_k >= ALL_EXPERTS_MIN_ROWS_PER_EXPERT * moe.num_experts)
+
+
+def _all_experts(experts: GroupedExperts, x_ND: torch.Tensor, ids_NK: torch.Tensor,
+                 weights_NK: torch.Tensor) -> torch.Tensor:
+    """Every expert on every row, the rows each expert was not chosen for weighted by zero: (N, D).
+    The combine weight multiplies the SwiGLU output before the (linear) down projection, as in
+    the grouped engine."""
+    E, H = experts.num_experts, experts.hidden
+    w_EN = torch.zeros(x_ND.shape[0], E, dtype=x_ND.dtype, device=x_ND.device).scatter_(
+        1, ids_NK, weights_NK.to(x_ND.dtype)).t()                                  # (E, N)
+    gate_up_EN2H = torch.matmul(x_ND, experts.w_gate_up.transpose(1, 2))            # (E, N, 2H)
+    h_ENH = F.silu(gate_up_EN2H[..., :H]).mul_(gate_up_EN2H[..., H:]).mul_(w_EN[..., None])
+    return torch.bmm(h_ENH, experts.w_down.transpose(1, 2)).sum(dim=0)              # (N, D)
+
+
 def moe_infer(moe: "MoE", x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dropless MoE output for inference: ((N, D), expert ids (N, K)). Same routing and experts as
     ``MoE.forward``, without capacity, aux losses or statistics."""
     routing = moe.router(x_ND)
     if x_ND.shape[0] == 1 and x_ND.device.type == "cpu":
         out_ND = _one_token_experts(moe, x_ND, routing.ids_NK, routing.weights_NK)
+    elif torch.compiler.is_compiling() and uses_all_experts(moe, x_ND.shape[0]):
+        out_ND = _all_experts(moe.experts, x_ND, routing.ids_NK, routing.weights_NK)
     else:
         plan = plan_dispatch(routing, moe.num_experts)                           # dropless
         out_ND = moe.experts.forward_dispatched(x_ND, plan)                      # as MoE.forward
@@ -196,6 +226,13 @@ def decode_one(model: "Transformer", tokens_B: torch.Tensor,
 _compiled_decode: Any = None     # torch.compile(decode_one), built on first use; False once it failed
 
 
+def _routing_free_shapes(model: "Transformer", batch: int) -> bool:
+    """Whether decoding ``batch`` rows has no shape that depends on the routing, so that one
+    compiled graph serves every step: true for a dense model and for MoE layers that run every
+    expert on the batch (``uses_all_experts``)."""
+    return all(uses_all_experts(moe, batch) for moe in model.moe_layers())
+
+
 def _decode_step(compile: bool):
     """``decode_one``, under ``torch.compile`` when asked.
 
@@ -203,9 +240,10 @@ def _decode_step(compile: bool):
     wrapper drops the Python call per kernel (1.5-2x faster in benchmarks/decode.py).
     ``dynamic=True`` keeps the cache position symbolic so one graph serves every step, and
     ``capture_scalar_outputs`` lets the chosen expert ids flow into the graph instead of breaking
-    it. Callers ask only at batch 1 or for a dense model: with several rows a MoE layer's dispatch
-    sizes depend on the routing and would recompile. If compiling fails (no C++ compiler, an
-    unsupported platform), a warning says so and generation goes on eagerly.
+    it. Callers ask only at batch 1, for a dense model, or where every MoE layer runs the batch
+    on the grouped engine (``_routing_free_shapes``): elsewhere a MoE layer's dispatch sizes depend
+    on the routing and would recompile. If compiling fails (no C++ compiler, an unsupported
+    platform), a warning says so and generation goes on eagerly.
     """
     global _compiled_decode
     if not compile or _compiled_decode is False:
@@ -428,7 +466,7 @@ def stream(model: "Transformer", prompts: Prompts, options: Optional[SamplingOpt
     was_training = model.training
     model.eval()
     try:
-        compile = compile and (len(rows) == 1 or not model.moe_layers())
+        compile = compile and (len(rows) == 1 or _routing_free_shapes(model, len(rows)))
         yield from _decode_n(model, rows, opts, tokenizer, trace_experts, _decode_step(compile))
     finally:
         clear_expert_views(model)

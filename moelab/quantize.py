@@ -17,8 +17,8 @@ scale, float32 accumulation): the kernel torchao's int8 weight-only linear is lo
 inductor; calling it directly gives eager decoding the same kernel. Where it does not apply (float32
 activations, whose x86 path is a scalar loop; shapes it does not support) the weight is dequantised
 for the product instead, which is correct but no faster than the unquantised model. Activations,
-norms, the router and the embedding stay in the compute dtype: the router because top-k choices
-are sensitive to rounding, the embedding because a token reads one row of it.
+norms and the embedding stay in the compute dtype (a token reads one embedding row), the router
+in float32 in every format (its top-k choices are sensitive to rounding).
 
 Only the weights change; the model keeps its modules and its ``forward``, so an int8 model still
 scores text (``model(tokens)``) and generates. It cannot be trained or exported.
@@ -201,9 +201,8 @@ class Int8Experts(nn.Module):
         """Expert ``e`` on rows (R, D): down(silu(gate(x)) * up(x)), (R, D)."""
         w_gu, s_gu, w_d, s_d = expert_views(self, ("w_gate_up_int8", "w_gate_up_scale", "w_down_int8",
                                                    "w_down_scale"), e)
-        gate_up_R2H = int8_linear(x_RD, w_gu, s_gu, self.packable[0])
-        h_RH = F.silu(gate_up_R2H[:, :self.hidden]).mul_(gate_up_R2H[:, self.hidden:])
-        return int8_linear(h_RH, w_d, s_d, self.packable[1])
+        gate, up = int8_linear(x_RD, w_gu, s_gu, self.packable[0]).chunk(2, dim=-1)    # (R, H) each
+        return int8_linear(F.silu(gate).mul_(up), w_d, s_d, self.packable[1])
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Expert-sorted rows in, expert outputs out, (M, D) -> (M, D)."""

@@ -43,6 +43,18 @@ class AttentionContext:
     mask: Optional[torch.Tensor] = None
     start: int = 0
 
+    def rotation_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin with its first half negated), both (B or 1, T, 1, Dr): RoPE as
+        ``x * cos + swap_halves(x) * signed_sin`` in the (B, T, heads, Dr) layout. Made on first
+        use and shared by every layer of the forward call."""
+        tables = self.__dict__.get("_rotation_tables")
+        if tables is None:
+            half = self.sin.shape[-1] // 2
+            signed_sin = torch.cat([-self.sin[..., :half], self.sin[..., half:]], dim=-1)
+            tables = (self.cos.transpose(1, 2), signed_sin.transpose(1, 2))
+            self.__dict__["_rotation_tables"] = tables
+        return tables
+
 
 class KVCache(nn.Module):
     """Static key/value buffers of one GQA layer: (B, G, S_max, Dh) each."""
@@ -126,6 +138,8 @@ class GroupedQueryAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qk_norm == "none" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._forward_eager_no_grad(x, ctx, cache)
         q, k, v = self.qkv(x).split([H * Dh, G * Dh, G * Dh], dim=-1)       # (B, T, ·)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -135,6 +149,26 @@ class GroupedQueryAttention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if cache is not None:
+            k, v = cache.update(ctx.start, k, v)                             # (B, G, S, Dh)
+        y = _attend(q, k, v, ctx)                                            # (B, H, T, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+    def _forward_eager_no_grad(self, x: torch.Tensor, ctx: AttentionContext,
+                               cache: Optional[KVCache]) -> torch.Tensor:
+        """``forward`` for eager inference without q/k norms: the same numbers in fewer ops (a
+        decoded token's attention is a few dozen tiny ops, each costing more to launch than to
+        run), by rotating the q and k heads of the fused projection together, with the tables
+        of ``ctx.rotation_tables``. (Compiled code fuses the ops instead.)"""
+        B, T, _ = x.shape
+        H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * G, Dh)                          # (B, T, H+2G, Dh)
+        cos, signed_sin = ctx.rotation_tables()                             # (·, T, 1, Dh)
+        qk = qkv[:, :, :H + G]                                               # (B, T, H+G, Dh)
+        swapped = qk.unflatten(-1, (2, Dh // 2)).flip(-2).flatten(-2)        # halves swapped
+        qk = torch.addcmul(qk * cos, swapped, signed_sin).to(x.dtype)       # as rope.apply_rope
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)   # (B, H|G, T, Dh)
+        v = qkv[:, :, H + G:].transpose(1, 2)                                # (B, G, T, Dh)
         if cache is not None:
             k, v = cache.update(ctx.start, k, v)                             # (B, G, S, Dh)
         y = _attend(q, k, v, ctx)                                            # (B, H, T, Dh)

@@ -577,9 +577,8 @@ class GroupedExperts(nn.Module):
         decoding runs for each chosen expert of a single token (``moelab.generate``). Inference
         only (no autograd Function, no gradient bookkeeping)."""
         w_gate_up, w_down = expert_views(self, ("w_gate_up", "w_down"), e)
-        gate_up_R2H = F.linear(x_RD, w_gate_up)
-        h_RH = F.silu(gate_up_R2H[:, :self.hidden]).mul_(gate_up_R2H[:, self.hidden:])
-        return F.linear(h_RH, w_down)
+        gate, up = F.linear(x_RD, w_gate_up).chunk(2, dim=-1)                    # (R, H) each
+        return F.linear(F.silu(gate).mul_(up), w_down)
 
     def naive_expert(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to one token, written plainly: the reference for tests."""
