@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import gc
 import json
+import logging
 import os
 import statistics
 import sys
@@ -399,6 +400,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     why_not = None if not args.skip_llamacpp else "skipped (--skip-llamacpp)"
     if why_not is None:
         why_not = llamacpp_available()
+    # torchao (imported by transformers too) registers enums that torch logs a deprecation about
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         from moelab.quantize import torchao_primitives
         torchao_primitives()         # import it quietly now; transformers imports it too

@@ -17,7 +17,10 @@ At batch 1 on CPU a decode step is a few dozen small matmuls, bound by reading t
 hundreds of tiny ops whose dispatch overhead costs about as much again. So a MoE layer that sees
 one token runs just its K chosen experts (``_one_token_experts``) instead of sorting and looping
 over all E, and ``compile=True`` fuses most of the rest (``_decode_step``); benchmarks/decode.py
-measures both against Hugging Face ``generate``.
+measures both against Hugging Face ``generate``. ``dtype=`` and ``quantize=`` convert the model
+to bf16 or int8 weight-only weights first (``moelab.quantize``), which halve and quarter the
+bytes a step reads; benchmarks/decode_bandwidth.py measures them against the memory-bandwidth
+limit (docs/inference.md).
 """
 
 from __future__ import annotations
@@ -240,8 +243,8 @@ def _decode_step(compile: bool):
     wrapper drops the Python call per kernel (1.5-2x faster in benchmarks/decode.py).
     ``dynamic=True`` keeps the cache position symbolic so one graph serves every step, and
     ``capture_scalar_outputs`` lets the chosen expert ids flow into the graph instead of breaking
-    it. Callers ask only at batch 1, for a dense model, or where every MoE layer runs the batch
-    on the grouped engine (``_routing_free_shapes``): elsewhere a MoE layer's dispatch sizes depend
+    it. Callers ask only at batch 1, for a dense model, or where every MoE layer runs every
+    expert on the batch (``_routing_free_shapes``): elsewhere a MoE layer's dispatch sizes depend
     on the routing and would recompile. If compiling fails (no C++ compiler, an unsupported
     platform), a warning says so and generation goes on eagerly.
     """
