@@ -118,7 +118,7 @@ class Transformer(nn.Module):
     def update_router_biases(self) -> None:
         """Apply DeepSeek-V3 aux-loss-free bias updates; call once per optimiser step."""
         for moe in self.moe_layers():
-            moe.router.update_bias()
+            moe.router.update_bias(moe.count_reducer)
 
     def new_cache(self, batch: int, max_len: Optional[int] = None,
                   pad_B: Optional[torch.Tensor] = None) -> Cache:

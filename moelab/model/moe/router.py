@@ -140,13 +140,15 @@ class Router(nn.Module):
         return routing
 
     @torch.no_grad()
-    def update_bias(self) -> None:
+    def update_bias(self, count_reducer=None) -> None:
         """b_i += rate * sign(mean load - load_i) over the load seen since the last call
-        (DeepSeek-V3, section 2.1.2). Call once per optimiser step."""
+        (DeepSeek-V3, section 2.1.2). Call once per optimiser step. ``count_reducer`` sums the
+        load over data-parallel ranks, so that every rank applies the same update."""
         if self.cfg.bias_update_rate <= 0:
             return
+        load = self.load_seen if count_reducer is None else count_reducer(self.load_seen)
         # no "any load seen?" test: it would be a host sync per layer and step on CUDA, and with
         # no load the error is 0 everywhere, so sign(0) = 0 leaves the biases as they are
-        error = self.load_seen.mean() - self.load_seen
+        error = load.mean() - load
         self.expert_bias += self.cfg.bias_update_rate * torch.sign(error)
         self.load_seen.zero_()
