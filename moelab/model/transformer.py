@@ -69,13 +69,16 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None):
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[RouterStats]]:
+        """(x, the MoE layer's aux loss, its router statistics); the last two are None in a dense
+        layer."""
         x = x + self.attn(self.attn_norm(x), ctx, cache)
         if not self.is_moe:
-            return x + self.ffn(self.ffn_norm(x)), None
+            return x + self.ffn(self.ffn_norm(x)), None, None
         moe = self.ffn(self.ffn_norm(x))
         moe.stats.layer = self.layer
-        return x + moe.output, moe
+        return x + moe.output, moe.aux_loss, moe.stats
 
 
 class Transformer(nn.Module):
@@ -163,10 +166,10 @@ class Transformer(nn.Module):
         aux_loss = x.new_zeros((), dtype=torch.float32)
         stats: list[RouterStats] = []
         for i, block in enumerate(self.blocks):
-            x, moe = block(x, ctx, cache.layers[i] if cache is not None else None)
-            if moe is not None:
-                aux_loss = aux_loss + moe.aux_loss
-                stats.append(moe.stats)
+            x, block_aux, block_stats = block(x, ctx, cache.layers[i] if cache is not None else None)
+            if block_stats is not None:
+                aux_loss = aux_loss + block_aux
+                stats.append(block_stats)
         if cache is not None:
             cache.pos += T
         if targets is not None:

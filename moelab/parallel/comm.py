@@ -117,7 +117,7 @@ class MeteredReduceScatter(ReduceScatter):
         sent = _nbytes(output_tensor) * (dist.get_world_size(group) - 1)
         self.meter.record("fsdp", sent)
         with self.meter.timed("fsdp", input_tensor.device):
-            work = dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group,
+            work = dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group,  # noqa
                                               async_op=async_op and input_tensor.is_cuda)
         return work
 
