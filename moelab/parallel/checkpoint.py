@@ -16,6 +16,7 @@ shards into one ``model.safetensors`` of full tensors (the run folder's weights)
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,13 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     get_msd, get_osd, set_msd, set_osd = _state_dict_api()
     no_dist = not (dist.is_available() and dist.is_initialized())     # one process: no group
     msd = get_msd(model)
-    dcp.load(msd, storage_reader=HuggingFaceStorageReader(str(folder / MODEL_DIR / SHARDED)), no_dist=no_dist)
-    set_msd(model, msd)
     flat, _ = flatten_optimizer(get_osd(model, optimizer))
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(folder / OPTIM_DIR)), no_dist=no_dist)
+    with warnings.catch_warnings():      # DCP warns that one process means no process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(msd, storage_reader=HuggingFaceStorageReader(str(folder / MODEL_DIR / SHARDED)),
+                 no_dist=no_dist)
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(folder / OPTIM_DIR)), no_dist=no_dist)
+    set_msd(model, msd)
     set_osd(model, optimizer, unflatten_optimizer(flat, param_groups))
     rng_file = folder / RNG_DIR / f"rank-{rank:05d}.safetensors"
     if not rng_file.is_file():                      # a different world size: rank 0's stream
