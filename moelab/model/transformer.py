@@ -8,6 +8,7 @@ Dense, MoE or Hybrid is which FFN each layer gets (see ``ModelConfig.moe_layer_i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -81,6 +82,27 @@ class Block(nn.Module):
         return x + moe.output, moe.aux_loss, moe.stats
 
 
+def _checkpointed(block: Block, x: torch.Tensor, ctx: AttentionContext):
+    """``block(x, ctx)`` keeping only its input: the backward runs the forward again
+    (torch.utils.checkpoint, non-reentrant; RNG state replayed, so noisy routing repeats). The
+    replay must not count routed tokens a second time for the DeepSeek-V3 bias update."""
+    from torch.utils.checkpoint import checkpoint
+
+    @contextlib.contextmanager
+    def replaying():
+        router = block.ffn.router if block.is_moe else None
+        if router is not None:
+            router.count_load = False
+        try:
+            yield
+        finally:
+            if router is not None:
+                router.count_load = True
+
+    return checkpoint(block, x, ctx, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), replaying()))
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -93,6 +115,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)   # (L, Dr)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # recompute each block's activations in the backward instead of keeping them
+        # (``parallel.activation_checkpointing``; training only)
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     # ---- parameters ---------------------------------------------------------------------------
@@ -166,7 +191,10 @@ class Transformer(nn.Module):
         aux_loss = x.new_zeros((), dtype=torch.float32)
         stats: list[RouterStats] = []
         for i, block in enumerate(self.blocks):
-            x, block_aux, block_stats = block(x, ctx, cache.layers[i] if cache is not None else None)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, block_aux, block_stats = _checkpointed(block, x, ctx)
+            else:
+                x, block_aux, block_stats = block(x, ctx, cache.layers[i] if cache is not None else None)
             if block_stats is not None:
                 aux_loss = aux_loss + block_aux
                 stats.append(block_stats)

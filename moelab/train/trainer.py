@@ -200,6 +200,7 @@ def _train(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: 
         model.load_state_dict(source.state_dict())
         logger.info(f"initialised weights from {init_from}")
     model.train()
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
     if t_cfg.compile:
         from moelab.train.compile import compile_dense_parts
         if compile_dense_parts(model, logger.warn):

@@ -124,6 +124,8 @@ class Router(nn.Module):
             self.noise = nn.Parameter(torch.zeros(num_experts, d_model))
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("load_seen", torch.zeros(num_experts), persistent=False)
+        # False while activation checkpointing replays a forward: its tokens were counted once
+        self.count_load = True
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
         dtype = torch.float64 if x_ND.dtype == torch.float64 else torch.float32
@@ -134,7 +136,7 @@ class Router(nn.Module):
         # Decided from the config, not the buffer's values, so the hot path never syncs.
         use_bias = self.cfg.router == "sigmoid" or self.cfg.bias_update_rate > 0
         routing = route(logits_NE, self.cfg, self.expert_bias if use_bias else None)
-        if self.training and self.cfg.bias_update_rate > 0:
+        if self.training and self.cfg.bias_update_rate > 0 and self.count_load:
             with torch.no_grad():
                 self.load_seen += expert_histogram(routing.ids_NK, self.num_experts)
         return routing
