@@ -86,7 +86,7 @@ class Meshes:
 class Distributed:
     """torch.distributed: one process per device (or per CPU slot with gloo)."""
 
-    def __init__(self, layout: Layout, device: torch.device, timeout_s: float = 600.0):
+    def __init__(self, layout: Layout, device: torch.device, timeout_s: float = 1800.0):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -187,7 +187,10 @@ def _train(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: 
     point = _resume_point(run_dir, strict_resume, runtime, logger) if resume else None
     torch.manual_seed(t_cfg.seed)
 
-    data = prepare_data(cfg.data, cfg.model.vocab_size, log=logger.info)
+    # the main process tokenises first (and fills the cache); the others then read the cache
+    data = prepare_data(cfg.data, cfg.model.vocab_size, log=logger.info) if layout.is_main else None
+    runtime.barrier()
+    data = data or prepare_data(cfg.data, cfg.model.vocab_size, log=logger.info)
     batches = TokenBatches(data.train_tokens, t_cfg.batch_size, t_cfg.seq_len, t_cfg.seed)
     val = val_batches(data.val_tokens, t_cfg.batch_size, t_cfg.seq_len, t_cfg.eval_batches)
 
