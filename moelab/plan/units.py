@@ -38,14 +38,13 @@ def _prefix(unit: str) -> float | None:
 
 
 def parse_bytes(text: str, option: str) -> int:
-    """'80GiB', '80GB', '141 GB', '512MiB', '1.5TiB', or a plain byte count."""
-    expected = "a size such as 80GiB, 80GB or 512MiB (> 0)"
+    """'80GiB', '80GB', '141 GB', '512MiB', '1.5TiB' (a unit is required: '80' is not a size)."""
+    expected = "a size with its unit, such as 80GiB, 80GB or 512MiB (> 0)"
     try:
         value, unit = _split(text)
     except ValueError:
         _fail(option, text, expected)
-    body = unit[:-1] if unit.endswith("B") else unit
-    scale = _prefix(body) if unit.endswith("B") or unit == "" else None
+    scale = _prefix(unit[:-1]) if unit.endswith("B") else None
     if scale is None or not value > 0 or not math.isfinite(value):
         _fail(option, text, expected)
     return int(round(value * scale))
