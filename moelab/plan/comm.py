@@ -18,9 +18,9 @@ destination node and fans it out over NVLink (DeepSeek's, DeepEP) moves
 ``k x d_model x (remote share)``. Reported beside the plain figure; moelab's own exchange sends
 every (token, expert) row.
 
-FSDP2 collectives (Zhao et al. 2023, "PyTorch FSDP"): per micro-batch each unit is all-gathered
-for the forward and again for the backward (reshard after forward), and its gradient is
-reduce-scattered; a ring all-gather or reduce-scatter over n ranks moves (n - 1) / n of the full
+FSDP2 collectives (Zhao et al. 2023, "PyTorch FSDP"): per micro-batch each block is all-gathered
+for the forward and again for the backward (reshard after forward; the root unit, which FSDP2 does
+not reshard after its forward, once), and every unit's gradient is reduce-scattered; a ring all-gather or reduce-scatter over n ranks moves (n - 1) / n of the full
 tensor through every rank's link (NCCL's bus-bandwidth convention). HSDP adds an all-reduce of
 the gradient shard over the replicas, 2 (r - 1) / r of it.
 """
@@ -124,7 +124,8 @@ def _node_limited(cfg: ModelConfig, e: int, g: int) -> float:
 def fsdp(counts: ModelCounts, layout: Layout, hw: Hardware, wl: Workload, micro_batches: float) -> Collectives:
     s, e, r = layout.dp_shard, layout.ep, layout.dp_replicate
     es = layout.expert_shard
-    dense = counts.non_expert_params
+    root = counts.units[0].params
+    blocks = counts.non_expert_params - root
     routed_local = counts.routed_expert_params / e          # this EP rank's experts, unsharded
     pb, rb = wl.compute_param_bytes, wl.reduce_bytes
     bw_dense = hw.intra_node_bw if _group_within_node(s, 1, hw) else hw.inter_node_bw
@@ -134,8 +135,10 @@ def fsdp(counts: ModelCounts, layout: Layout, hw: Hardware, wl: Workload, micro_
     def ring(total: float, n: int) -> float:
         return total * (n - 1) / n if n > 1 else 0.0
 
-    ag_dense, ag_expert = 2 * ring(dense * pb, s), 2 * ring(routed_local * pb, es)   # forward + backward
-    rs_dense, rs_expert = ring(dense * rb, s), ring(routed_local * rb, es)
+    # blocks are gathered for the forward and again for the backward; the root stays gathered
+    ag_dense = ring((root + 2 * blocks) * pb, s)
+    ag_expert = 2 * ring(routed_local * pb, es)
+    rs_dense, rs_expert = ring((root + blocks) * rb, s), ring(routed_local * rb, es)
     rep = 2 * ring(counts.total_params / s * rb, r)
     seconds = micro_batches * ((ag_dense + rs_dense) / bw_dense + (ag_expert + rs_expert) / bw_expert
                                + rep / bw_rep)

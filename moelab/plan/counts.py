@@ -19,7 +19,8 @@ from moelab.config import ModelConfig
 
 @dataclass(frozen=True)
 class Unit:
-    """One FSDP unit (torchtitan wraps each block, the embedding, and final norm + head)."""
+    """One FSDP unit as moelab wraps them: each block (its experts a unit of their own under
+    expert parallelism, gathered with it), and the root (embedding, final norm, LM head)."""
 
     name: str
     params: int          # everything but routed experts: sharded over dp_shard
@@ -40,7 +41,7 @@ class ModelCounts:
     forward_flops_per_token: int     # matmuls + attention at the planned sequence length
     attention_flops_per_token: int
     kv_cache_bytes_per_token: int    # bf16; MLA caches its latent and RoPE key only
-    units: tuple[Unit, ...]
+    units: tuple[Unit, ...]          # the root first, then the blocks
     mtp_params: int = 0              # DeepSeek-V3 MTP modules (not in total_params)
 
     @property
@@ -76,7 +77,7 @@ def count(cfg: ModelConfig, seq_len: int, mtp_layers: int = 0) -> ModelCounts:
     flops = flops_per_token(cfg, seq_len)
     D = cfg.d_model
     attn = attention_params(cfg) + 2 * D                   # + the block's two norms
-    units = [Unit("embedding", counts["embedding"])]
+    units = [Unit("root", counts["embedding"] + D + counts["head"])]
     routed_total, moe_layers, top_k = 0, 0, 0
     for i in range(cfg.n_layers):
         f = ffn_params(cfg, i)
@@ -84,7 +85,6 @@ def count(cfg: ModelConfig, seq_len: int, mtp_layers: int = 0) -> ModelCounts:
         moe_layers += f.experts > 0
         top_k = max(top_k, f.top_k)
         units.append(Unit(f"block {i}", attn + f.dense + f.router + f.shared, f.routed))
-    units.append(Unit("norm + head", D + counts["head"]))
     mtp = 0
     if mtp_layers:
         # DeepSeek-V3 sec. 2.2: each MTP module is one more (MoE) block, a 2D -> D projection and

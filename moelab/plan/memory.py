@@ -8,9 +8,10 @@ same 18 or 16 bytes for its distributed optimizer). Under expert parallelism eve
 still divided by ``dp_shard``: routed experts are split over ``ep`` ranks and sharded by FSDP
 over the other ``dp_shard / ep`` (torchtitan's layout); what EP changes is the unsharded unit.
 
-FSDP2 all-gathers one unit (a block, the embedding, norm + head) at a time in the compute dtype
-and prefetches the next, then holds the unit's unsharded gradient for the reduce-scatter in fp32:
-``2 x unit x compute bytes + unit x 4`` for the largest unit (routed experts counted 1/ep).
+FSDP2 all-gathers one block at a time in the compute dtype and prefetches the next, keeps the root
+unit (embedding, final norm, head) gathered from its forward to its backward, and holds a unit's
+unsharded gradient for the reduce-scatter in fp32:
+``(root + 2 x largest block) x compute bytes + largest unit x 4`` (routed experts counted 1/ep).
 
 Activations count, per token and layer, every tensor autograd keeps for the backward, the method
 of Korthikanti et al. (2022, "Reducing Activation Recomputation in Large Transformer Models",
@@ -91,6 +92,23 @@ def loss_bytes(cfg: ModelConfig, tokens: int, wl: Workload) -> int:
     return tokens * D * wl.act_bytes + V * D * wl.compute_param_bytes + 2 * chunk * V * 4
 
 
+def _gathered(counts: ModelCounts, layout: Layout, wl: Workload) -> int:
+    """Unsharded parameters in flight: the root unit (FSDP2 keeps the root gathered from its
+    forward to its backward), the current block and the prefetched next one, plus the largest
+    unit's unsharded gradient before its reduce-scatter. Nothing is copied for a unit that is not
+    sharded when it is already in the compute dtype (fp32 on one rank)."""
+    copy_dense = layout.dp_shard > 1 or wl.mixed
+    copy_expert = layout.expert_shard > 1 or wl.mixed
+    root, *blocks = counts.units
+
+    def unsharded(u) -> int:
+        return (u.params if copy_dense else 0) + (u.routed // layout.ep if copy_expert else 0)
+
+    block = max((unsharded(u) for u in blocks), default=0)
+    grad = max(unsharded(u) for u in counts.units)
+    return (unsharded(root) + 2 * block) * wl.compute_param_bytes + grad * wl.reduce_bytes
+
+
 def memory(cfg: ModelConfig, counts: ModelCounts, layout: Layout, wl: Workload) -> MemoryBreakdown:
     s, e = layout.dp_shard, layout.ep
     P = counts.total_params
@@ -98,12 +116,7 @@ def memory(cfg: ModelConfig, counts: ModelCounts, layout: Layout, wl: Workload) 
     optimizer = -(-P * ADAM_MOMENTS * 4 // s)
     tokens = layout.micro_batch * wl.seq_len
 
-    # the largest unit as one rank holds it unsharded (its own 1/ep of the routed experts)
-    unit = max(u.params + u.routed // e for u in counts.units)
-    if s == 1 and not wl.mixed:
-        gathered = 0          # nothing to gather: the fp32 parameters are used where they are
-    else:
-        gathered = 2 * unit * wl.compute_param_bytes + unit * wl.reduce_bytes
+    gathered = _gathered(counts, layout, wl)
 
     per_layer = [block_activation_bytes(cfg, i, wl.act_bytes) for i in range(cfg.n_layers)]
     if layout.activation_checkpointing:

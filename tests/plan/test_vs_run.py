@@ -13,7 +13,6 @@ workspace; not allocator slack, gloo's buffers or the interpreter's own growth.
 Skipped until ``moelab.parallel`` (issue 13) exists.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +25,9 @@ import moelab
 from moelab.plan import predict
 
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("moelab.parallel") is None,
+    # looked up beside this moelab (not through the import system, which can reach another
+    # checkout's package through an editable install)
+    pytest.mark.skipif(not (Path(moelab.__file__).parent / "parallel" / "__init__.py").is_file(),
                        reason="needs distributed training (moelab.parallel, issue 13)"),
     pytest.mark.slow,
 ]
@@ -49,28 +50,42 @@ def _train(preset: str, overrides: list[str], out: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_plan_predicts_the_two_process_run(case, tmp_path):
-    preset, extra = CASES[case]
+@pytest.fixture(scope="module", params=sorted(CASES))
+def run(request, tmp_path_factory):
+    """One 3-step training run per case, shared by the checks below."""
+    preset, extra = CASES[request.param]
     overrides = COMMON + extra
-    run = tmp_path / "run"
-    _train(preset, overrides, run)
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    _train(preset, overrides, out)
     cfg = moelab.resolve_config(preset, overrides)
-    pred = predict(cfg, 2, device="cpu")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((out / "summary.json").read_text())
+    return request.param, cfg, predict(cfg, 2, device="cpu"), [r for r in records if r.get("kind") == "train"], summary
 
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in records if r.get("kind") == "train"]
+
+def test_alltoall_bytes_exactly(run):
+    case, cfg, pred, train, _ = run
     assert len(train) == 3
     for r in train:
         comm = r["comm"]
-        assert comm["alltoall_bytes_with_local"] == pred.alltoall_bytes_with_local_per_rank
+        assert comm["alltoall_bytes_with_local"] == pred.alltoall_bytes_with_local_per_rank, case
         for sent, bound in zip(comm["alltoall_bytes"], pred.alltoall_bytes_with_local_per_rank):
             assert 0 <= sent <= bound
-        if not cfg.model.moe_layer_indices():
-            assert comm["alltoall_bytes_with_local"] == [0, 0]
+    if not cfg.model.moe_layer_indices():
+        assert pred.alltoall_bytes_with_local_per_rank == [0, 0]
 
-    summary = json.loads((run / "summary.json").read_text())
+
+def test_peak_memory_within_25_percent(run):
+    case, _, pred, _, summary = run
     real = summary["peak_memory_bytes_per_rank"]
     assert len(real) == 2
     for got, want in zip(real, pred.memory_bytes_per_rank):
         assert abs(got - want) <= 0.25 * got, (case, got, want, pred.memory.as_dict())
+
+
+def test_fsdp_bytes_within_10_percent(run):
+    """FSDP pads each shard to equal rows, so the run may send slightly more than the formula."""
+    case, _, pred, train, _ = run
+    for r in train:
+        for got, want in zip(r["comm"]["fsdp_bytes"], pred.fsdp_bytes_per_rank):
+            assert abs(got - want) <= 0.1 * want, (case, got, want)
