@@ -23,6 +23,7 @@ block's input is kept, plus one block recomputed during its backward.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 from moelab.accounting import ffn_params
@@ -84,6 +85,13 @@ def block_activation_bytes(cfg: ModelConfig, layer: int, act: int) -> tuple[int,
     return sum(tensors) * act + extra, max(tensors) * act
 
 
+@functools.lru_cache(maxsize=64)
+def _per_layer(cfg: ModelConfig, act: int) -> tuple[tuple[int, int], ...]:
+    """Every block's activation bytes per token, once per model (a plan evaluates hundreds of
+    layouts of the same model)."""
+    return tuple(block_activation_bytes(cfg, i, act) for i in range(cfg.n_layers))
+
+
 def loss_bytes(cfg: ModelConfig, tokens: int, wl: Workload) -> int:
     """moelab's fused linear cross-entropy finishes its gradients in the forward: it keeps dL/dh
     (N, D) and dL/dW (V, D) until the backward, and works on one (C, V) fp32 chunk of logits."""
@@ -118,7 +126,7 @@ def memory(cfg: ModelConfig, counts: ModelCounts, layout: Layout, wl: Workload) 
 
     gathered = _gathered(counts, layout, wl)
 
-    per_layer = [block_activation_bytes(cfg, i, wl.act_bytes) for i in range(cfg.n_layers)]
+    per_layer = _per_layer(cfg, wl.act_bytes)
     if layout.activation_checkpointing:
         kept = cfg.n_layers * cfg.d_model * wl.act_bytes + max(b for b, _ in per_layer)
     else:
