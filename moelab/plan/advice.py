@@ -24,7 +24,7 @@ from moelab.config import ConfigError, ModelConfig
 from moelab.plan.inputs import Hardware, Workload
 from moelab.plan.planner import Plan, plan
 from moelab.plan.source import ModelSource
-from moelab.plan.units import human_bytes, human_count
+from moelab.plan.units import human_bytes, human_count, human_seconds
 
 DEFAULT_EXPERTS, DEFAULT_TOP_K = 8, 2
 
@@ -138,9 +138,16 @@ def verdict(rows: list[Row], hw: Hardware, wl: Workload) -> list[str]:
     tpd = {r.name: r.plan.tokens_per_day(r.best) for r in fit}
     fastest = max(fit, key=lambda r: tpd[r.name])
     others = [f"{r.name} {tpd[r.name] / tpd[fastest.name]:.2f}x" for r in fit if r is not fastest]
-    out.append(f"On {setup}, {fastest.name} trains the most tokens per day ({human_count(tpd[fastest.name])} tokens/day, "
-               f"best layout {fastest.best.layout.label()}, step {fastest.best.time.step_s:.3g} s, MFU "
-               f"{fastest.best.time.mfu:.0%})" + (f"; relative to it: {', '.join(others)}." if others else "."))
+    b = fastest.best
+    detail = (f"{human_count(tpd[fastest.name])} tokens/day, best layout {b.layout.label()}, step "
+              f"{human_seconds(b.time.step_s)}, MFU {b.time.mfu:.0%}")
+    if len(fit) > 1 and all(tpd[r.name] >= 0.99 * tpd[fastest.name] for r in fit):
+        out.append(f"On {setup}, the {len(fit)} models that fit train equally fast within 1% ({detail} for "
+                   f"{fastest.name}): at matched active parameters the FLOPs per token are the same and "
+                   "communication costs little here.")
+    else:
+        out.append(f"On {setup}, {fastest.name} trains the most tokens per day ({detail})"
+                   + (f"; relative to it: {', '.join(others)}." if others else "."))
     for r in rows:
         if r.best is None:
             need = r.plan.smallest.memory.total
@@ -155,33 +162,29 @@ def verdict(rows: list[Row], hw: Hardware, wl: Workload) -> list[str]:
             f"across {b.layout.ep // hw.gpus_per_node} nodes"
         out.append(f"{r.name} spends {b.time.alltoall_share:.0%} of its step in all-to-all (ep {b.layout.ep}, "
                    f"{where}; {human_bytes(b.alltoall.bytes_per_layer)} per MoE layer per GPU forward).")
-    for r in fit:
-        if r.plan.counts.moe_layers and r.best.layout.ep == 1:
-            out.append(f"{r.name}'s best layout uses no expert parallelism: FSDP all-gathers its experts "
-                       f"and that traffic hides behind compute ({r.best.time.fsdp_s:.3g} s of collectives "
-                       f"under {r.best.time.compute_s:.3g} s of compute), cheaper here than an all-to-all.")
+    no_ep = [r for r in fit if r.plan.counts.moe_layers and r.best.layout.ep == 1]
+    if no_ep:
+        times = ", ".join(f"{r.name} {human_seconds(r.best.time.fsdp_s)} under {human_seconds(r.best.time.compute_s)}"
+                          for r in no_ep)
+        out.append(f"No expert parallelism in the best layout of {', '.join(r.name for r in no_ep)}: FSDP "
+                   f"all-gathers the experts and that traffic hides behind compute ({times}), cheaper here "
+                   "than an all-to-all, which nothing overlaps.")
     dense = [r for r in rows if not r.plan.counts.moe_layers]
     sparse = [r for r in rows if r.plan.counts.moe_layers]
     if dense and sparse:
         d = dense[0]
-        for r in sparse:
-            ratio = r.plan.counts.total_params / d.plan.counts.total_params
-            act = r.plan.counts.active_params / d.plan.counts.active_params
-            out.append(f"{r.name} holds {ratio:.1f}x the parameters of {d.name} at {act:.2f}x its active "
-                       f"parameters; that capacity costs memory ({_memory_phrase(r, d)}).")
-    tight = [r for r in fit if r.best.headroom_bytes < 0.1 * hw.gpu_memory]
-    for r in tight:
-        out.append(f"{r.name} fits with only {human_bytes(r.best.headroom_bytes)} to spare per GPU: expect "
-                   "allocator fragmentation or routing imbalance to push it over.")
-    out.append("The planner estimates speed and memory, not loss: at matched active parameters MoE models "
-               "usually reach a lower loss per token than dense ones (Switch, Mixtral, DeepSeekMoE), which "
-               "this comparison does not weigh; `moelab compare` measures it at small scale.")
+        parts = [f"{r.name} {r.plan.counts.total_params / d.plan.counts.total_params:.1f}x at "
+                 f"{r.plan.counts.active_params / d.plan.counts.active_params:.2f}x the active "
+                 f"({human_bytes(r.plan.smallest.memory.total)})" for r in sparse]
+        out.append(f"Parameters against {d.name} (and the least memory per GPU any layout needs, "
+                   f"{d.name} {human_bytes(d.plan.smallest.memory.total)}): {'; '.join(parts)}.")
+    tight = [r.name for r in fit if r.best.headroom_bytes < 0.1 * hw.gpu_memory]
+    if tight:
+        out.append(f"Under 10% of GPU memory to spare in the best layout: {', '.join(tight)}; allocator "
+                   "fragmentation or routing imbalance could push it over.")
+    out.append("Loss is not estimated: at matched active parameters MoE models usually reach a lower loss "
+               "per token (Switch, Mixtral, DeepSeekMoE); `moelab compare` measures that at small scale.")
     return out
-
-
-def _memory_phrase(r: Row, d: Row) -> str:
-    rm, dm = r.plan.smallest.memory.total, d.plan.smallest.memory.total
-    return f"at least {human_bytes(rm)} per GPU against {human_bytes(dm)}"
 
 
 def compare_sources(specs: list[str], overrides: list[str]) -> list[ModelSource]:

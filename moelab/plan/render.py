@@ -44,8 +44,8 @@ def render(plan: Plan, console=None) -> None:
     model.add_row("total parameters", f"{c.total_params:,}", human_count(c.total_params))
     model.add_row("active parameters", f"{c.active_params:,}",
                   f"{human_count(c.active_params)} per token ({c.active_params / c.total_params:.1%})")
-    model.add_row("  embedding", f"{c.embedding_params:,}", "counted in both")
-    model.add_row("  LM head", f"{c.head_params:,}", "tied to the embedding" if not c.head_params else "counted in both")
+    model.add_row("  embedding", f"{c.embedding_params:,}", "in total and active")
+    model.add_row("  LM head", f"{c.head_params:,}", "tied to the embedding" if not c.head_params else "in total and active")
     model.add_row("  routed experts", f"{c.routed_expert_params:,}",
                   f"{c.moe_layers} MoE + {c.dense_layers} dense layers")
     if c.mtp_params:

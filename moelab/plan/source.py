@@ -43,7 +43,7 @@ def load_source(spec: str, overrides: list[str] | None = None) -> ModelSource:
     """A preset name, a ``.toml`` path, or a Hugging Face ``config.json`` (or its folder)."""
     from moelab import resolve_config
     path = Path(spec)
-    if path.is_dir() or spec.endswith(".json"):
+    if spec.endswith(".json") or (path / "config.json").is_file():
         return load_hf(path, overrides)
     cfg = resolve_config(spec, overrides)
     name = path.stem if spec.endswith(".toml") else spec
@@ -51,6 +51,7 @@ def load_source(spec: str, overrides: list[str] | None = None) -> ModelSource:
 
 
 def load_hf(path: str | Path, overrides: list[str] | None = None) -> ModelSource:
+    """A Hugging Face config.json (or the folder holding it); ``overrides`` apply to the result."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
