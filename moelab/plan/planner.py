@@ -179,10 +179,12 @@ class Prediction:
     workload: Workload
     memory: MemoryBreakdown
     memory_bytes_per_rank: list[int]
-    alltoall_bytes_with_local_per_rank: list[int]   # exact for dropless routing
-    alltoall_bytes_per_rank: list[int]              # expected under uniform routing
+    # every row given to all_to_all_single: with dropless routing half of it (own rows out, their
+    # gradients back) is exact per rank and the sum over ranks is exact; the rest follows the routing
+    alltoall_bytes_with_local_per_rank: list[int]
+    alltoall_bytes_per_rank: list[int]              # rows leaving the rank, uniform routing
     fsdp_bytes_per_rank: list[int]
-    exact_alltoall: bool                            # False with capacity dropping
+    exact_alltoall: bool                            # False with capacity dropping (fewer rows sent)
 
 
 def layout_of(cfg: Config, world_size: int) -> Layout:
