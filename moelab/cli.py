@@ -14,7 +14,7 @@ import sys
 from moelab.config import ConfigError
 
 # command name -> module in moelab.commands exposing add_parser(subparsers)
-COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench"]
+COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench", "inspect"]
 
 
 class UserError(Exception):
