@@ -99,7 +99,7 @@ def collect(model: Transformer, batches: Iterable[Batch], *, num_categories: int
         ids = [s.expert_ids for s in out.router_stats]                       # each (N, K)
         other = [s.expert_ids for s in against(x, targets=y).router_stats] if against is not None else None
         tokens_N = x.flatten()
-        cats_N = batch.cat_BT.flatten().to(device) if batch.cat_BT is not None else None
+        cats_N = batch.cat_BT.flatten().to(device) if batch.cat_BT is not None and num_categories else None
         take = min(N, sample_limit - sampled)
         if cats_N is not None:
             cat_tokens += torch.bincount(cats_N, minlength=C).cpu()
