@@ -3,7 +3,6 @@ and how routing settled. Writes inspect.json, report.md and PNGs (see docs/inspe
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -78,9 +77,9 @@ def run(args) -> int:
                 bar.stop()
     except InspectError as e:
         raise_user(str(e))
-    write_outputs(result, out_dir)
+    text = write_outputs(result, out_dir)
     if args.json:
-        print(json.dumps(result))
+        sys.stdout.write(text)
         return 0
     # a file or pipe gets the whole table, not one squeezed to 80 columns
     print_summary(result, out_dir, Console(width=None if sys.stdout.isatty() else 200))

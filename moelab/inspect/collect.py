@@ -6,8 +6,8 @@ The model reports each MoE layer's choices in ``ModelOutput.router_stats[i].expe
 first choice first, and the assignments each expert actually ran (after capacity drops) in
 ``tokens_per_expert``. Only counts are kept between batches (per-layer vectors and matrices, and
 sparse (token id, expert) pairs), so memory does not grow with the number of tokens; the one
-exception is a capped sample (the first ``sample_limit`` tokens) kept for the permutation test of
-category specialisation.
+exception is a capped sample (the first ``sample_limit`` tokens, fewer for deep models with large
+k) kept for the permutation test of category specialisation.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from moelab.inspect.source import Batch
 from moelab.inspect.specialization import PairCounts
 from moelab.model.transformer import Transformer
 
-SAMPLE_LIMIT = 1 << 18
+SAMPLE_LIMIT = 1 << 18      # tokens kept for the category permutation test ...
+SAMPLE_ENTRIES = 1 << 24    # ... and at most this many kept expert ids over all layers (32 MB)
 
 
 @dataclass
@@ -61,8 +62,9 @@ class Collected:
 
     def sample_ids(self, i: int) -> np.ndarray:
         """(S, K) choices of layer ``i`` for the sampled tokens."""
-        return torch.cat(self.layers[i].sample_ids).numpy() if self.layers[i].sample_ids else \
-            np.zeros((0, self.top_k), dtype=np.int64)
+        if not self.layers[i].sample_ids:
+            return np.zeros((0, self.top_k), dtype=np.int64)
+        return torch.cat(self.layers[i].sample_ids).numpy().astype(np.int64)
 
 
 def moe_layout(model: Transformer) -> list[tuple[int, int]]:
@@ -78,6 +80,7 @@ def collect(model: Transformer, batches: Iterable[Batch], *, num_categories: int
     """Route every batch through ``model`` (and ``against``, for router saturation) once."""
     layout = moe_layout(model)
     K = model.config.moe.top_k
+    sample_limit = min(sample_limit, SAMPLE_ENTRIES // max(1, len(layout) * K))
     C = max(num_categories, 1)
     layers = [LayerCounts(layer=l, num_experts=E, kept_E=torch.zeros(E, dtype=torch.long),
                           chosen_E=torch.zeros(E, dtype=torch.long),
@@ -125,7 +128,7 @@ def collect(model: Transformer, batches: Iterable[Batch], *, num_categories: int
                 lc.saturation_top1 += int((ids_NK[:, 0] == other[i][:, 0]).sum())
                 lc.saturation_overlap += int((ids_NK[:, :, None] == other[i][:, None, :]).any(-1).sum())
             if take > 0:
-                lc.sample_ids.append(ids_NK[:take].cpu())
+                lc.sample_ids.append(ids_NK[:take].to(torch.int16).cpu())   # E <= 32767
         sampled += max(take, 0)
         tokens += N
         if on_tokens is not None:

@@ -197,13 +197,14 @@ def _trace_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-def write_outputs(result: dict, out_dir: Path) -> list[Path]:
-    """inspect.json, report.md and the PNGs into ``out_dir``; returns the figure paths."""
+def write_outputs(result: dict, out_dir: Path) -> str:
+    """inspect.json, report.md and the PNGs into ``out_dir``; returns inspect.json's text."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = plots.draw_all(result, out_dir)
-    write_text_atomic(out_dir / "inspect.json", json.dumps(result, indent=1) + "\n")
+    text = json.dumps(result, indent=1) + "\n"
+    write_text_atomic(out_dir / "inspect.json", text)
     write_text_atomic(out_dir / "report.md", render_markdown(result, figures))
-    return figures
+    return text
 
 
 def print_summary(result: dict, out_dir: Path, console) -> None:

@@ -27,13 +27,15 @@ import numpy as np
 import torch
 
 MIN_TOKEN_COUNT = 10          # OLMoE 5.4: token ids seen at least this often
-COMPACT_EVERY = 1 << 22       # pending pairs before PairCounts merges them
+MIN_PENDING = 1 << 16         # PairCounts merges once pending pairs reach max(this, stored)
 PERMUTATIONS = 20
 
 
 class PairCounts:
     """Counts of (token id, expert) pairs, stored sparsely: a vocabulary of 150k ids times 128
-    experts would be 19M counters per layer, while the pairs a run actually sees are far fewer."""
+    experts would be 19M counters per layer, while the pairs a run actually sees are far fewer.
+    New pairs wait in a list and are merged once they outnumber the stored ones, so memory stays
+    within about twice the distinct pairs seen and each pair is sorted O(log) times."""
 
     def __init__(self, num_experts: int):
         self.E = num_experts
@@ -46,7 +48,7 @@ class PairCounts:
         keys = (tokens_N.long().unsqueeze(1) * self.E + experts_NK.long()).flatten().cpu()
         self._pending.append(keys)
         self._pending_n += keys.numel()
-        if self._pending_n >= COMPACT_EVERY:
+        if self._pending_n >= max(MIN_PENDING, len(self.keys)):
             self._compact()
 
     def _compact(self) -> None:

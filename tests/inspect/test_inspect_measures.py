@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import json
 import shutil
 from itertools import permutations
 
@@ -209,6 +210,34 @@ def test_user_corpus_categories_are_source_files(moe_run, tmp_path):
     assert out["categories"]["kind"] == "file"
     assert set(out["categories"]["names"]) == {"prose.txt", "numbers.txt"}
     assert sum(out["categories"]["tokens"]) == out["tokens"]
+
+
+def test_user_corpus_categories_can_be_a_jsonl_field(moe_run, tmp_path):
+    rows = [{"text": f"def f{i}(x):\n    return x * {i}\n" if i % 2 else f"The value {i} is small. " * 4,
+             "kind": "code" if i % 2 else "prose"} for i in range(40)]
+    corpus = tmp_path / "mixed.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = inspect_run(moe_run, InspectOptions(tokens=800, corpus=str(corpus), categories="field:kind",
+                                              ablate="none"))
+    assert sorted(out["categories"]["names"]) == ["code", "prose"]
+    assert all(t > 0 for t in out["categories"]["tokens"])
+
+
+def test_pair_counts_merge_like_a_plain_count(monkeypatch):
+    import moelab.inspect.specialization as S
+    monkeypatch.setattr(S, "MIN_PENDING", 64)               # merge many times
+    rng = np.random.default_rng(0)
+    counts, expected = PairCounts(5), np.zeros((30, 5), dtype=np.int64)
+    for _ in range(40):
+        tokens, experts = rng.integers(0, 30, 50), rng.integers(0, 5, (50, 2))
+        counts.add(torch.from_numpy(tokens), torch.from_numpy(experts))
+        for t, row in zip(tokens, experts):
+            for e in row:
+                expected[t, e] += 1
+    t, e, c = counts.table()
+    got = np.zeros_like(expected)
+    got[t, e] = c
+    assert np.array_equal(got, expected) and len(t) == np.count_nonzero(expected)
 
 
 def test_summary_for_compare(result):
