@@ -179,7 +179,8 @@ def _layer_result(got: Collected, i: int, names: tuple[str, ...], source: TokenS
         present = [c for c in range(len(names)) if counts[c] > 0]
         out["category_share"] = {names[c]: np.round(share[c], 6).tolist() for c in present}
         test = S.category_test(got.sample_cats, got.sample_ids(i), len(names), E)
-        out.update({"category_mi_bits": test.mi_bits, "category_mi_chance_bits": test.chance_bits,
+        out.update({"category_mi_bits": test.mi_bits, "category_mi_fraction": test.fraction,
+                    "category_mi_chance_bits": test.chance_bits,
                     "category_mi_chance_std_bits": test.chance_std_bits,
                     "category_mi_ratio": test.ratio, "category_mi_z": test.z,
                     "category_mi_sample_tokens": test.sample_tokens,

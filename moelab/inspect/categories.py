@@ -11,7 +11,6 @@ came from: its file, its folder, or a field of its JSON Lines record.
 
 from __future__ import annotations
 
-import io
 import json
 import keyword
 import re

@@ -29,9 +29,9 @@ def _worst_ablation(layer: dict):
 def _category_verdict(layer: dict) -> str:
     if layer.get("category_mi_bits") is None:
         return "-"
-    ratio = _f(layer.get("category_mi_ratio"), ".1f", "inf")
     word = "yes" if layer["category_specialised"] else "no"
-    return f"{word} ({ratio}x chance, z {_f(layer.get('category_mi_z'), '.0f', 'inf')})"
+    return (f"{word}: {layer['category_mi_bits']:.3f} bits = {100 * layer['category_mi_fraction']:.1f}% "
+            f"of H(cat), z {_f(layer.get('category_mi_z'), '.0f', 'inf')}")
 
 
 def summary_rows(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -51,7 +51,7 @@ def summary_rows(result: dict) -> tuple[list[str], list[list[str]]]:
                f"{_f(l['vocab_specialization'], '.2f')} ({_f(l['vocab_specialization_chance'], '.2f')})",
                _category_verdict(l),
                f"{best['category']} -> E{best['expert']} ({best['vs_uniform']:.2f}x)" if best else "-",
-               f"E{worst[1]} +{worst[0]:.4f}" if worst else "-"]
+               f"E{worst[1]} {worst[0]:+.4f}" if worst else "-"]
         if result.get("against"):
             row += [_f(l.get("saturation_top1")), _f(l.get("saturation_topk"))]
         rows.append(row)
@@ -75,7 +75,8 @@ def render_markdown(result: dict, figures: list[Path]) -> str:
            "no tokens, overloaded = at least 2x the ideal. Entropy: mean router entropy (nats). "
            "Vocabulary specialisation: OLMoE 5.4 on first choices, chance = the same counts drawn "
            "from the layer's own marginal. Category specialisation: mutual information between a "
-           "token's category and its experts vs randomly permuted categories (yes = z > 3).", ""]
+           "token's category and its experts, as a share of the category's entropy, tested against "
+           "randomly permuted categories (yes = z > 3).", ""]
     out += _load_section(result) + _coactivation_section(result) + _vocab_section(result)
     out += _category_section(result) + _ablation_section(result) + _saturation_section(result)
     out += _trace_section(result)
@@ -147,9 +148,10 @@ def _category_section(result: dict) -> list[str]:
              f"{result['layers'][0].get('category_mi_sample_tokens') or 0:,} tokens against 20 "
              "random permutations of their categories.", ""]
     for l in result["layers"]:
-        lines.append(f"### layer {l['layer']}: {_category_verdict(l)}; I = {_f(l.get('category_mi_bits'), '.4f')} "
-                     f"bits vs {_f(l.get('category_mi_chance_bits'), '.4f')} +- "
-                     f"{_f(l.get('category_mi_chance_std_bits'), '.4f')} shuffled")
+        lines.append(f"### layer {l['layer']}: {_category_verdict(l)}; shuffled "
+                     f"{_f(l.get('category_mi_chance_bits'), '.4f')} +- "
+                     f"{_f(l.get('category_mi_chance_std_bits'), '.4f')} bits "
+                     f"({_f(l.get('category_mi_ratio'), '.1f', 'inf')}x)")
         E = l["num_experts"]
         lines += ["", "| category | " + " | ".join(f"E{e}" for e in range(E)) + " |",
                   "|---|" + "|".join("---" for _ in range(E)) + "|"]

@@ -45,7 +45,7 @@ class TokenSource:
     category_kind: str                 # "python", "file", "folder", "field:NAME" or "none"
     category_names: tuple[str, ...]
     description: str                   # e.g. "stdlib:/usr/lib/python3.11 (val split)"
-    _namer: Optional[Callable[[str], str]] = None
+    namer: Optional[Callable[[str], str]] = None   # relpath -> source category name
 
     @property
     def num_tokens(self) -> int:
@@ -104,7 +104,7 @@ class _CategoryCursor:
         if src.category_kind == "python":
             cats = C.token_categories(C.python_char_categories(d.text), enc.offsets)
             return np.append(cats, C.EOS)
-        name = src._namer(d.relpath)
+        name = src.namer(d.relpath)
         cat = self.index.get(name, self.index.get(C.OTHER_SOURCES, 0))
         return np.full(n + 1, cat, dtype=np.int64)
 
@@ -159,7 +159,7 @@ def open_source(run_dir: str | Path, cfg: Config, *, max_tokens: int, corpus: Op
         names = tuple(C.top_sources(used_docs, namer))
     return TokenSource(stream=stream, tokenizer=prep.tokenizer, eos_id=prep.eos_id, docs=used_docs,
                        category_kind=kind, category_names=names,
-                       description=f"{prep.corpus.source} ({split} split)", _namer=namer)
+                       description=f"{prep.corpus.source} ({split} split)", namer=namer)
 
 
 def _prefix(parts: list[tuple[np.ndarray, list[Document]]], length: int) -> tuple[np.ndarray, list[Document]]:

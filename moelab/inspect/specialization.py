@@ -147,11 +147,17 @@ def mutual_information_bits(table_CE: np.ndarray) -> float:
 @dataclass
 class CategoryTest:
     mi_bits: float           # on the sample
+    category_bits: float     # H(category) on the sample: the most I could be
     chance_bits: float       # mean over permutations
     chance_std_bits: float
     ratio: float             # mi / chance
     z: float                 # (mi - chance) / std
     sample_tokens: int
+
+    @property
+    def fraction(self) -> float:
+        """I / H(category): the share of a token's category that its experts give away."""
+        return self.mi_bits / self.category_bits if self.category_bits > 0 else 0.0
 
     @property
     def specialised(self) -> bool:
@@ -173,7 +179,9 @@ def category_test(cat_S: np.ndarray, ids_SK: np.ndarray, num_categories: int, nu
     observed = mi(cat_S)
     null = np.array([mi(rng.permutation(cat_S)) for _ in range(permutations)])
     chance, std = float(null.mean()), float(null.std(ddof=1)) if permutations > 1 else 0.0
-    return CategoryTest(mi_bits=observed, chance_bits=chance, chance_std_bits=std,
+    p_C = np.bincount(cat_S, minlength=C) / max(len(cat_S), 1)
+    h_C = float(-(p_C[p_C > 0] * np.log2(p_C[p_C > 0])).sum())
+    return CategoryTest(mi_bits=observed, category_bits=h_C, chance_bits=chance, chance_std_bits=std,
                         ratio=observed / chance if chance > 0 else float("inf"),
                         z=(observed - chance) / std if std > 0 else float("inf"),
                         sample_tokens=len(cat_S))

@@ -1,6 +1,5 @@
 """One small trained MoE run shared by the inspect tests (trained once per session)."""
 
-import os
 from pathlib import Path
 
 import pytest
