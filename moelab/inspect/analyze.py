@@ -105,6 +105,8 @@ def inspect_run(run_dir: str | Path, opts: InspectOptions = InspectOptions(), *,
         log(f"inspect: {source.description} has {source.num_tokens:,} tokens; routing all of them "
             f"(--tokens asked for {opts.tokens:,})")
 
+    # the prompt is checked (and traced) before the long pass, so a bad one fails fast
+    trace = trace_prompt(model, source.tokenizer, opts.prompt).to_dict() if opts.prompt else None
     names = source.category_names
     got = collect(model, source.batches(n, seq, batch), num_categories=len(names), against=against,
                   on_tokens=progress("routing", n))
@@ -123,10 +125,9 @@ def inspect_run(run_dir: str | Path, opts: InspectOptions = InspectOptions(), *,
                     "base_loss": base}
     else:
         for lr in layers:
-            lr["ablation_delta_loss"] = None
+            lr["ablation_delta_loss"] = [None] * lr["num_experts"]     # every expert skipped
             lr["specialists"] = []
 
-    trace = trace_prompt(model, source.tokenizer, opts.prompt).to_dict() if opts.prompt else None
     return _finite({
         "run": str(run_dir),
         "corpus": source.description,

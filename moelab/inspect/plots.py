@@ -150,8 +150,8 @@ def specialization(result: dict, out_dir: Path) -> Path:
 
 
 def ablation(result: dict, out_dir: Path) -> Optional[Path]:
-    layers = [l for l in result["layers"] if l["ablation_delta_loss"] is not None]
-    if not layers or result.get("ablation") is None:
+    layers = result["layers"]
+    if result.get("ablation") is None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)

@@ -144,7 +144,7 @@ def open_source(run_dir: str | Path, cfg: Config, *, max_tokens: int, corpus: Op
         prep = prepare_data(data, cfg.model.vocab_size, log=log)
         docs, _ = load_corpus(data)
     except DataError as e:
-        raise InspectError(str(e)) from None
+        raise InspectError(f"--corpus {corpus!r}: {e}" if corpus is not None else str(e)) from None
     train_docs, val_docs = split_documents(docs, data.val_fraction)
     parts = {"val": [(prep.val_tokens, val_docs)], "train": [(prep.train_tokens, train_docs)],
              "all": [(prep.val_tokens, val_docs), (prep.train_tokens, train_docs)]}[split]

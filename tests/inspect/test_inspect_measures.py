@@ -53,6 +53,7 @@ def test_loads_sum_to_tokens_times_k(result):
         assert sum(layer["tokens_per_expert"]) == TOKENS * 2
         assert np.isclose(sum(layer["normalized_load"]), layer["num_experts"])
         assert layer["dropped_fraction"] == 0.0
+        assert layer["ablation_delta_loss"] == [None] * layer["num_experts"]   # --ablate none
 
 
 def test_loads_count_only_kept_assignments_when_capacity_drops(moe_run, tmp_path):
