@@ -30,14 +30,13 @@ def _category_verdict(layer: dict) -> str:
     if layer.get("category_mi_bits") is None:
         return "-"
     word = "yes" if layer["category_specialised"] else "no"
-    return (f"{word}: {layer['category_mi_bits']:.3f} bits = {100 * layer['category_mi_fraction']:.1f}% "
-            f"of H(cat), z {_f(layer.get('category_mi_z'), '.0f', 'inf')}")
+    return f"{word}, {100 * layer['category_mi_fraction']:.1f}% (z {_f(layer.get('category_mi_z'), '.0f', 'inf')})"
 
 
 def summary_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The per-layer summary table, shared by the console and report.md."""
     headers = ["layer", "experts", "dead", "overloaded", "load min-max", "entropy",
-               "vocab spec (chance)", "category spec.", "strongest category", "worst ablation"]
+               "vocab spec (chance)", "category spec. (I/H)", "strongest category", "worst ablation"]
     if result.get("against"):
         headers += ["saturation top-1", f"top-{result['top_k']}"]
     rows = []
@@ -75,8 +74,8 @@ def render_markdown(result: dict, figures: list[Path]) -> str:
            "no tokens, overloaded = at least 2x the ideal. Entropy: mean router entropy (nats). "
            "Vocabulary specialisation: OLMoE 5.4 on first choices, chance = the same counts drawn "
            "from the layer's own marginal. Category specialisation: mutual information between a "
-           "token's category and its experts, as a share of the category's entropy, tested against "
-           "randomly permuted categories (yes = z > 3).", ""]
+           "token's category and its experts as a share I/H of the category's entropy; yes = more "
+           "than randomly permuted categories by z > 3 standard deviations.", ""]
     out += _load_section(result) + _coactivation_section(result) + _vocab_section(result)
     out += _category_section(result) + _ablation_section(result) + _saturation_section(result)
     out += _trace_section(result)
@@ -148,7 +147,8 @@ def _category_section(result: dict) -> list[str]:
              f"{result['layers'][0].get('category_mi_sample_tokens') or 0:,} tokens against 20 "
              "random permutations of their categories.", ""]
     for l in result["layers"]:
-        lines.append(f"### layer {l['layer']}: {_category_verdict(l)}; shuffled "
+        lines.append(f"### layer {l['layer']}: {_category_verdict(l)}; I = "
+                     f"{_f(l.get('category_mi_bits'), '.4f')} bits, shuffled "
                      f"{_f(l.get('category_mi_chance_bits'), '.4f')} +- "
                      f"{_f(l.get('category_mi_chance_std_bits'), '.4f')} bits "
                      f"({_f(l.get('category_mi_ratio'), '.1f', 'inf')}x)")
@@ -215,7 +215,7 @@ def print_summary(result: dict, out_dir: Path, console) -> None:
     headers, rows = summary_rows(result)
     table = Table(title=f"moelab inspect: {result['tokens']:,} tokens, top-{result['top_k']}")
     for h in headers:
-        table.add_column(h, justify="left" if h in ("category spec.", "strongest category") else "right")
+        table.add_column(h, justify="left" if h.startswith(("category", "strongest")) else "right")
     for r in rows:
         table.add_row(*r)
     console.print(table)
