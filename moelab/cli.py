@@ -15,7 +15,8 @@ import sys
 from moelab.config import ConfigError
 
 # command name -> module in moelab.commands exposing add_parser(subparsers)
-COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan"]
+COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan",
+            "inspect"]
 
 
 class UserError(Exception):
