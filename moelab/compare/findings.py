@@ -10,6 +10,7 @@ from moelab.compare import stats
 from moelab.compare.analysis import (
     SPIKE_RATIO, SPIKE_WINDOW, Comparison, ModelSummary, Study, speed_verdict,
 )
+from moelab.compare.plan import parse_budget
 from moelab.compare.scaling import crossover, fit_power_law
 
 TRAIN_FLOPS_PER_FORWARD = 3      # forward + backward (twice the forward) per training token
@@ -19,6 +20,15 @@ def _pm(mean: Optional[float], sd: Optional[float], fmt: str = "{:.4f}") -> str:
     if mean is None:
         return "-"
     return fmt.format(mean) + ("" if sd is None else " ± " + fmt.format(sd))
+
+
+def budget_words(text: str) -> str:
+    """'250k' -> '250,000 tokens'; '10m' -> '600 s of training'."""
+    return parse_budget(text).describe()
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
 def _mb(x: Optional[float]) -> str:
@@ -47,7 +57,7 @@ def noise_lines(study: Study, comps: list[Comparison]) -> list[str]:
                  f"(initial weights and batch order). Verdicts follow one rule: {stats.rule_text()}. "
                  f"With {n} seeds t = {t:.2f}."]
         if spread:
-            lines.append(f"At {study.headline} the smallest gap this study can call is "
+            lines.append(f"At {budget_words(study.headline)} the smallest gap this study can call is "
                          f"{min(spread):.4f}-{max(spread):.4f} nats (t x SE of the paired seed gaps); "
                          f"more seeds shrink both t and the SE.")
         return lines
@@ -81,7 +91,7 @@ def quality_lines(study: Study, comps: list[Comparison], match: str) -> list[str
             support = {"ahead": "supports", "behind": "goes against",
                        "within noise": "neither supports nor contradicts"}.get(c.verdict.verdict)
             lines.append(
-                f"**{m.name}** vs {ref.name} at {study.headline} tokens: validation loss "
+                f"**{m.name}** vs {ref.name} at {budget_words(study.headline)}: validation loss "
                 f"{_pm(m.mean('val_loss'), m.sd('val_loss'))} vs {_pm(ref.mean('val_loss'), ref.sd('val_loss'))} "
                 f"({m.mean('active_params') / 1e6:.3f}M active / {m.mean('total_params') / 1e6:.3f}M total vs "
                 f"{ref.mean('active_params') / 1e6:.3f}M / {ref.mean('total_params') / 1e6:.3f}M); "
@@ -94,7 +104,7 @@ def quality_lines(study: Study, comps: list[Comparison], match: str) -> list[str
                 f"{_pm(m.mean('val_loss_at_equal_time'), m.sd('val_loss_at_equal_time'))} vs {ref.name}'s "
                 f"{_pm(ref.mean('val_loss_at_equal_time'), ref.sd('val_loss_at_equal_time'))}; "
                 + _verdict_words(c) + f"; {m.name} trains at "
-                f"{m.mean('tokens_per_s') / ref.mean('tokens_per_s'):.2f}x {ref.name}'s tokens/s here.")
+                f"{_ratio(m.mean('tokens_per_s'), ref.mean('tokens_per_s'))} {ref.name}'s tokens/s here.")
     return lines
 
 
@@ -102,8 +112,8 @@ def throughput_lines(study: Study) -> list[str]:
     rows = study.at()
     ref = next(m for m in rows if m.name == study.reference)
     parts = [f"{m.name} {_pm(m.mean('tokens_per_s'), m.sd('tokens_per_s'), '{:,.0f}')} "
-             f"({m.mean('tokens_per_s') / ref.mean('tokens_per_s'):.2f}x)" for m in rows]
-    mem = [m.mean("peak_memory_bytes") for m in rows]
+             f"({_ratio(m.mean('tokens_per_s'), ref.mean('tokens_per_s'))})" for m in rows]
+    mem = [m.mean("peak_memory_bytes") or 0 for m in rows]
     return [f"Training throughput (tokens/s, mean ± sd over seeds; ratio to {ref.name}): "
             + "; ".join(parts) + f". Measured peak training memory ranges from {min(mem) / 2**20:.0f} "
             f"to {max(mem) / 2**20:.0f} MiB."]

@@ -59,37 +59,39 @@ def _load(run_dir: str):
     return load(run_dir), read_config(run_dir)
 
 
-_val_cache: dict = {}
+class ValTokens:
+    """Validation token streams by (data config, vocabulary): the units of a compare share one."""
 
+    def __init__(self):
+        self._streams: dict = {}
 
-def _val_tokens(cfg):
-    """Validation token stream of a config's data (cached per data config and vocabulary)."""
-    from moelab.data import prepare_data
-    key = (repr(cfg.data), cfg.model.vocab_size)
-    if key not in _val_cache:
-        _val_cache[key] = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda _m: None).val_tokens
-    return _val_cache[key]
+    def __call__(self, cfg):
+        from moelab.data import prepare_data
+        key = (repr(cfg.data), cfg.model.vocab_size)
+        if key not in self._streams:
+            self._streams[key] = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda _m: None).val_tokens
+        return self._streams[key]
 
 
 @torch.no_grad()
-def validation_batch_losses(model, cfg) -> Optional[list[float]]:
+def validation_batch_losses(model, cfg, val_tokens: ValTokens) -> Optional[list[float]]:
     """Loss on each of the trainer's validation batches; None for objectives we cannot replay
     (masked LM draws its masks at random)."""
     from moelab.data import val_batches
     if getattr(cfg.train, "objective", "clm") != "clm":
         return None
     t = cfg.train
-    batches = val_batches(_val_tokens(cfg), t.batch_size, t.seq_len, t.eval_batches)
+    batches = val_batches(val_tokens(cfg), t.batch_size, t.seq_len, t.eval_batches)
     model.eval()
     return [model(x, targets=y).loss.item() for x, y in batches]
 
 
-def _prompts(model, cfg) -> torch.Tensor:
+def _prompts(model, cfg, val_tokens: ValTokens) -> torch.Tensor:
     """(B, P) int64: B evenly spaced windows of the validation split, the same for every model
     with the same data and vocabulary."""
     from moelab.data import val_batches
     P = max(1, min(PROMPT_TOKENS, model.config.max_seq_len // 2))
-    x, _ = val_batches(_val_tokens(cfg), PROMPTS, P, 1)[0]
+    x, _ = val_batches(val_tokens(cfg), PROMPTS, P, 1)[0]
     return x
 
 
@@ -189,12 +191,13 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
                   log: Callable[[str], None] = print) -> None:
     """Fill ``DIR/measurements/<unit>.json`` for every unit (validation losses per batch) and, for
     ``inference_units``, the inference numbers; units measured before are not measured again."""
+    val_tokens = ValTokens()
     todo = [u for u in units if "val_batch_losses" not in load_measurement(out_dir, u)]
     if todo:
         log(f"scoring {len(todo)} trained model(s) batch by batch on the validation set")
     for unit in todo:
         model, cfg = _load(unit["run_dir"])
-        losses = validation_batch_losses(model, cfg)
+        losses = validation_batch_losses(model, cfg, val_tokens)
         rec = load_measurement(out_dir, unit)
         rec["val_batch_losses"] = losses
         write_json(_path(out_dir, unit), rec)
@@ -207,7 +210,7 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
             f"{ROUNDS} interleaved rounds")
     for seed, group in by_seed.items():
         loaded = [(u, *_load(u["run_dir"])) for u in group]
-        prompts = [_prompts(m, c) for _, m, c in loaded]
+        prompts = [_prompts(m, c, val_tokens) for _, m, c in loaded]
         rows: list[list[dict]] = [[] for _ in loaded]
         for r in range(ROUNDS + 1):                       # round 0 warms up and is dropped
             order = list(range(len(loaded)))

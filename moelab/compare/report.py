@@ -14,7 +14,7 @@ import torch
 
 from moelab.compare import plots, stats
 from moelab.compare.analysis import SPIKE_RATIO, SPIKE_WINDOW, ModelSummary, comparisons, read_study
-from moelab.compare.findings import all_findings, scaling_section
+from moelab.compare.findings import all_findings, budget_words, scaling_section
 from moelab.compare.plan import write_json
 
 
@@ -166,7 +166,7 @@ def _markdown(rows: list[ModelSummary], verdicts: dict, payload: dict) -> str:
     return f"""# Dense vs MoE vs Hybrid-MoE
 
 Command: `{payload['command']}`
-Budget: {payload['budget']} tokens per model and seed (the table's budget){'; budgets ' + ', '.join(payload['budgets']) if len(payload['budgets']) > 1 else ''}.
+Budget: {budget_words(payload['budget'])} per model and seed (the table's budget){'; budgets ' + ', '.join(payload['budgets']) if len(payload['budgets']) > 1 else ''}.
 Seeds: {', '.join(map(str, seeds))} (the same for every model: initial weights and batch order); same tokenizer and validation batches for every model.
 Matching: {payload['matching'][0]}
 Corpus: {corpus['source']} ({corpus['num_bytes'] / 1e6:.1f} MB, {corpus['num_docs']} documents, sha256 `{corpus['sha256'][:16]}…`).
@@ -206,7 +206,7 @@ def print_tables(rows: list[ModelSummary], payload: dict, verdicts: dict, out_di
     from rich.table import Table
     # a file or pipe gets the whole table, not one squeezed to 80 columns
     console = Console(width=None if sys.stdout.isatty() else 240)
-    for title, columns in ((f"Dense vs MoE vs Hybrid-MoE: {payload['budget']} tokens, "
+    for title, columns in ((f"Dense vs MoE vs Hybrid-MoE: {budget_words(payload['budget'])}, "
                             f"{len(payload['seeds'])} seed(s), mean ± sd", quality_columns(verdicts)),
                            ("Inference on the trained weights", INFERENCE_COLUMNS)):
         table = Table(title=title, show_lines=False)

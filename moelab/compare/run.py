@@ -8,8 +8,10 @@ falls on all models alike rather than on one, and a compare killed part way has 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Callable
@@ -57,7 +59,30 @@ def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
             continue
         log(f"{tag}: {'resuming from its last checkpoint' if state is UnitState.RESUMABLE else 'training'}"
             f" ({unit['model']}, seed {unit['seed']}, budget {unit['budget']})")
-        proc = subprocess.run([sys.executable, "-m", "moelab", *train_command(unit, state, show_progress)])
-        if proc.returncode != 0:
-            raise RuntimeError(f"training {unit['id']} failed (exit {proc.returncode}); fix the cause "
+        code = _train(train_command(unit, state, show_progress))
+        if code != 0:
+            raise RuntimeError(f"training {unit['id']} failed (exit {code}); fix the cause "
                                f"and run `moelab compare --resume {out_dir}`: finished units are kept")
+
+
+def _train(args: list[str]) -> int:
+    """Run ``python -m moelab <args>`` and wait. A SIGTERM sent to compare is passed on to the
+    training process, which can then stop at a safe point (its run folder stays resumable),
+    and compare exits once it has (status 143)."""
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", *args])
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()
+    terminated = []
+
+    def forward(signum, _frame):
+        terminated.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        raise SystemExit(128 + signal.SIGTERM)
+    return code
