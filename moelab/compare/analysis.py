@@ -23,7 +23,7 @@ TAIL_FRACTION = 0.25     # router statistics are averaged over the last quarter 
 NUMBERS = (
     "total_params", "active_params", "flops_per_token", "tokens", "train_time_s", "tokens_per_s",
     "peak_memory_bytes", "memory_estimate_bytes", "val_loss", "perplexity", "val_loss_batch_se",
-    "val_loss_at_equal_time", "val_loss_at_equal_tokens", "load_cv", "max_over_mean",
+    "val_loss_rescored", "val_loss_at_equal_time", "val_loss_at_equal_tokens", "load_cv", "max_over_mean",
     "dropped_fraction", "loss_spikes", "aux_loss", "balance_loss", "z_loss",
     "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_batch8",
     "kv_cache_bytes_per_token", "weight_bytes_per_token_batch1", "weight_bytes_per_token_batch8",
@@ -110,6 +110,8 @@ def read_unit(unit: dict, out_dir: Path) -> UnitResult:
     se = None
     if batch_losses and len(batch_losses) >= 2:
         se = stats.sd(batch_losses) / math.sqrt(len(batch_losses))
+    # the batches compare scored must be the trainer's: their mean is the logged validation loss
+    rescored = stats.mean(batch_losses) if batch_losses else None
     values = {
         "total_params": summary["total_params"], "active_params": summary["active_params"],
         "flops_per_token": summary["flops_per_token"], "tokens": summary["tokens"],
@@ -118,6 +120,7 @@ def read_unit(unit: dict, out_dir: Path) -> UnitResult:
         "memory_estimate_bytes": int((summary.get("memory_estimate_bytes") or {}).get("total", 0)),
         "val_loss": summary["val_loss"], "perplexity": summary["perplexity"],
         "val_loss_batch_se": se,
+        "val_loss_rescored": rescored,
         "load_cv": stats.mean([r["load_cv"] for r in routers]),
         "max_over_mean": stats.mean([r["max_over_mean"] for r in routers]),
         "dropped_fraction": stats.mean([r["dropped_fraction"] for r in routers]),
@@ -142,6 +145,12 @@ def align(units: list[UnitResult]) -> dict:
         u.values["val_loss_at_equal_time"] = interpolate([e["elapsed_s"] for e in c], [e["val_loss"] for e in c], equal_time)
         u.values["val_loss_at_equal_tokens"] = interpolate([e["tokens"] for e in c], [e["val_loss"] for e in c], equal_tokens)
     return {"equal_time_s": equal_time, "equal_tokens": equal_tokens}
+
+
+def rescoring_mismatches(units: list[UnitResult], tolerance: float = 1e-3) -> list[str]:
+    """Units whose re-scored validation batches do not average to the trainer's logged loss."""
+    return [f"{u.unit} ({u['val_loss_rescored']:.4f} vs {u['val_loss']:.4f})" for u in units
+            if u["val_loss_rescored"] is not None and abs(u["val_loss_rescored"] - u["val_loss"]) > tolerance]
 
 
 @dataclass
@@ -192,6 +201,7 @@ class Study:
     by_budget: dict
     reference: str
     alignment: dict                      # (budget, seed) -> equal_time_s / equal_tokens
+    mismatches: list = field(default_factory=list)   # see rescoring_mismatches
 
     @property
     def headline(self) -> str:
@@ -213,7 +223,8 @@ def read_study(plan: dict, out_dir: Path) -> Study:
                      for m in models} for b in plan["budgets"]}
     first = by_budget[plan["budgets"][-1]]
     reference = next((m for m in models if first[m].kind == "dense"), models[0])
-    return Study(plan["seeds"], plan["budgets"], models, by_budget, reference, alignment)
+    return Study(plan["seeds"], plan["budgets"], models, by_budget, reference, alignment,
+                 rescoring_mismatches(units))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ every verdict comes from ``stats.judge`` and quotes the numbers it rests on."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from moelab.compare import stats
@@ -48,6 +47,15 @@ def _verdict_words(c: Comparison) -> str:
 
 
 def noise_lines(study: Study, comps: list[Comparison]) -> list[str]:
+    warn = []
+    if study.mismatches:
+        warn = [f"Warning: re-scoring the saved models on the trainer's validation batches did not "
+                f"reproduce the logged validation loss for {', '.join(study.mismatches)}; the batch "
+                f"standard errors may not describe the logged numbers."]
+    return warn + _noise_lines(study, comps)
+
+
+def _noise_lines(study: Study, comps: list[Comparison]) -> list[str]:
     n = len(study.seeds)
     if n >= 2:
         t = stats.t_critical(n - 1)
@@ -141,9 +149,12 @@ def _why(v, bytes_ratio: float) -> str:
     faster = v.verdict == "ahead"
     if (faster and reads == "fewer") or (not faster and reads == "more"):
         return f"as reading {reads} weight bytes per token predicts"
+    if not faster:
+        return (f"while reading {reads} weight bytes per token, so weight traffic does not explain it: "
+                f"at this size the sparse step's extra operations (routing, sorting, one call per "
+                f"expert) cost more than its weight reads save")
     return (f"while reading {reads} weight bytes per token, so weight traffic does not explain it: "
-            f"at this size a decode step is bound by per-operation overhead (routing, sorting, one "
-            f"call per expert) more than by weight reads")
+            f"the difference is in the cost of the operations themselves, not in weight reads")
 
 
 def inference_lines(study: Study) -> list[str]:

@@ -5,7 +5,6 @@ of it the 8 training processes starting up), then the parts a study at this size
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +57,8 @@ def test_results_hold_mean_sd_and_seeds_equal_to_the_run_folders(study):
             assert m[f"{key}_sd"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2))
         assert m["val_loss_sd"] > 0                     # two seeds really trained differently
         assert m["val_loss_batch_se"] > 0
+        # compare re-scored the trainer's own validation batches: same mean as the logged loss
+        assert m["val_loss_rescored_seeds"] == pytest.approx(m["val_loss_seeds"], abs=1e-5)
         assert all(s["tokens"] >= 2000 for s in summaries)
     assert models["dense"]["kind"] == "dense" and models["hybrid"]["kind"] == "hybrid"
     assert models["hybrid"]["total_params"] > models["hybrid"]["active_params"]
