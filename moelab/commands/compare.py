@@ -73,6 +73,13 @@ def _new_plan(args) -> tuple[dict, Path]:
     return plan, out_dir
 
 
+def _plan_options_given(args) -> list[str]:
+    from moelab.compare import DEFAULT_MATCH, DEFAULT_MODELS, DEFAULT_SEEDS
+    defaults = {"models": ",".join(DEFAULT_MODELS), "budget": None, "budgets": None,
+                "seeds": str(DEFAULT_SEEDS), "match": DEFAULT_MATCH, "out": None, "overrides": []}
+    return [f"--{'set' if k == 'overrides' else k}" for k, v in defaults.items() if getattr(args, k) != v]
+
+
 def run(args) -> int:
     from moelab.compare.measure import measure_units
     from moelab.compare.plan import headline_budget, load_plan, write_plan
@@ -80,6 +87,9 @@ def run(args) -> int:
     from moelab.compare.run import run_units
 
     if args.resume:
+        given = _plan_options_given(args)
+        if given:
+            raise_user(f"--resume continues the plan stored in {args.resume}; drop {', '.join(given)}")
         out_dir = Path(args.resume)
         plan = load_plan(out_dir)
     else:

@@ -172,6 +172,8 @@ def test_bad_compare_input_is_named(tmp_path, capsys):
         assert main(["compare", *args, "--out", str(tmp_path / "a")]) == 2, args
         assert needle in capsys.readouterr().err, args
     assert main(["compare", "--resume", str(tmp_path)]) == 2
+    assert main(["compare", "--resume", str(tmp_path), "--seeds", "5"]) == 2
+    assert "drop --seeds" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
