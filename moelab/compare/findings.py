@@ -10,7 +10,7 @@ from moelab.compare.analysis import (
     SPIKE_RATIO, SPIKE_WINDOW, Comparison, ModelSummary, Study, speed_verdict,
 )
 from moelab.compare.plan import parse_budget
-from moelab.compare.scaling import crossover, fit_power_law
+from moelab.compare.scaling import MIN_POINTS, crossover, fit_power_law
 
 TRAIN_FLOPS_PER_FORWARD = 3      # forward + backward (twice the forward) per training token
 
@@ -65,8 +65,9 @@ def _noise_lines(study: Study, comps: list[Comparison]) -> list[str]:
                  f"(initial weights and batch order). Verdicts follow one rule: {stats.rule_text()}. "
                  f"With {n} seeds t = {t:.2f}."]
         if spread:
-            lines.append(f"At {budget_words(study.headline)} the smallest gap this study can call is "
-                         f"{min(spread):.4f}-{max(spread):.4f} nats (t x SE of the paired seed gaps); "
+            lines.append(f"At {budget_words(study.headline)} a gap had to exceed "
+                         f"{min(spread):.4f}-{max(spread):.4f} nats (t x SE of the paired seed gaps, per "
+                         f"model) to be called; smaller gaps cannot be told from seed noise here, and "
                          f"more seeds shrink both t and the SE.")
         return lines
     ses = [m.mean("val_loss_batch_se") for m in study.at()]
@@ -83,7 +84,7 @@ def _noise_lines(study: Study, comps: list[Comparison]) -> list[str]:
 def _claim(match: str) -> str:
     return {"active": "MoE beats dense at equal active parameters (equal compute per token)",
             "total": "at equal total parameters MoE matches dense with less compute per token",
-            "both": "a sparse design beats another at equal total and active parameters",
+            "both": "MoE beats dense at equal active parameters (equal compute per token)",
             "none": "MoE beats dense"}.get(match, "MoE beats dense")
 
 
@@ -184,9 +185,10 @@ def inference_lines(study: Study) -> list[str]:
             line += (f"the 8 tokens of a step reach {', '.join(f'{t:.1f}/{e}' for t, e in zip(touched, per_layer))} "
                      f"experts (per MoE layer), so each token costs "
                      f"{_mb(b8)} of weight reads vs {_mb(r8)} ({b8 / r8:.2f}x). ")
-        line += (f"Prefill: {_speed(m, ref, 'prefill_tokens_per_s')}. KV cache: "
-                 f"{m.mean('kv_cache_bytes_per_token'):,.0f} vs {ref.mean('kv_cache_bytes_per_token'):,.0f} "
-                 f"bytes per token (attention is the same in both).")
+        kv, kv_ref = m.mean("kv_cache_bytes_per_token"), ref.mean("kv_cache_bytes_per_token")
+        line += (f"Prefill: {_speed(m, ref, 'prefill_tokens_per_s')}. KV cache: {kv:,.0f} vs {kv_ref:,.0f} "
+                 f"bytes per token" + (" (the FFN does not touch the cache)." if kv == kv_ref else
+                                       f" ({kv / kv_ref:.2f}x: the attention differs)."))
         lines.append(line)
     return lines
 
@@ -222,7 +224,7 @@ def scaling_section(study: Study, budget_tokens: list[int]) -> dict:
             "train_time_s": [r.mean("train_time_s") for r in rows],
             "fit": None if fit is None else fit.public(),
             "fit_note": "" if fit is not None else
-            f"not fitted: E + A * D^-alpha needs {3} budgets with falling losses",
+            f"not fitted: E + A * D^-alpha needs {MIN_POINTS} budgets with falling losses",
         }
     ref = models[study.reference]
     crossings = {}
@@ -238,8 +240,17 @@ def scaling_section(study: Study, budget_tokens: list[int]) -> dict:
             "crossover": crossings}
 
 
-def scaling_lines(section: dict) -> list[str]:
+def scaling_lines(section: dict, comps: list[Comparison]) -> list[str]:
     lines = []
+    by_model: dict = {}
+    for c in comps:
+        if c.measure == "val_loss":
+            by_model.setdefault(c.model, []).append(c)
+    for name, cs in by_model.items():
+        lines.append(f"{name} - {section['reference']} by budget: "
+                     + "; ".join(f"{c.verdict.gap:+.4f} at {c.budget} ({c.verdict.verdict}"
+                                 + (f", threshold {c.verdict.threshold:.4f})" if c.verdict.threshold else ")")
+                                 for c in cs) + ".")
     for name, m in section["models"].items():
         f = m["fit"]
         if f:
@@ -257,6 +268,6 @@ def all_findings(study: Study, comps: list[Comparison], match_lines: list[str], 
     lines = noise_lines(study, comps) + quality_lines(study, comps, match) + throughput_lines(study)
     lines += inference_lines(study)
     if scaling is not None:
-        lines += scaling_lines(scaling)
+        lines += scaling_lines(scaling, comps)
     lines += match_lines + router_lines(study)
     return lines
