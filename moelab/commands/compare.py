@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted compare; finished units are kept")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every model, e.g. --set model.n_layers=2")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train every model on N processes of this machine (torchrun; see "
+                        "`moelab train --nproc`); layouts come from --set parallel.*")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (units, sizes, matching) and stop before training")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
@@ -65,7 +68,8 @@ def _new_plan(args) -> tuple[dict, Path]:
     out_dir = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out_dir / PLAN_FILE).exists() and not args.dry_run:
         raise_user(f"{str(out_dir)!r} already holds a compare; use --resume {out_dir}")
-    plan = build_plan(models, budgets, texts, args.seeds, args.match, args.overrides, out_dir, _command())
+    plan = build_plan(models, budgets, texts, args.seeds, args.match, args.overrides, out_dir, _command(),
+                      nproc=args.nproc)
     try:
         plan["load_average"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -76,7 +80,8 @@ def _new_plan(args) -> tuple[dict, Path]:
 def _plan_options_given(args) -> list[str]:
     from moelab.compare import DEFAULT_MATCH, DEFAULT_MODELS, DEFAULT_SEEDS
     defaults = {"models": ",".join(DEFAULT_MODELS), "budget": None, "budgets": None,
-                "seeds": str(DEFAULT_SEEDS), "match": DEFAULT_MATCH, "out": None, "overrides": []}
+                "seeds": str(DEFAULT_SEEDS), "match": DEFAULT_MATCH, "out": None, "overrides": [],
+                "nproc": 1}
     return [f"--{'set' if k == 'overrides' else k}" for k, v in defaults.items() if getattr(args, k) != v]
 
 
@@ -84,7 +89,9 @@ def run(args) -> int:
     from moelab.compare.measure import measure_units
     from moelab.compare.plan import headline_budget, load_plan, write_plan
     from moelab.compare.report import build_report, print_tables
-    from moelab.compare.run import run_units
+    from moelab.compare.run import CompareStopped, run_units
+    from moelab.lock import FolderLock, FolderLockedError
+    from moelab.train.stop import EXIT_STOPPED
 
     if args.resume:
         given = _plan_options_given(args)
@@ -103,14 +110,23 @@ def run(args) -> int:
         for unit in plan["units"]:
             _log(f"  {unit['id']}: moelab train --out {unit['run_dir']} " + " ".join(shlex.quote(a) for a in unit["train_args"]))
         return 0
-    if not args.resume:
-        write_plan(plan, out_dir)
     try:
+        lock = FolderLock(out_dir, "compare").acquire()     # one compare writes a folder at a time
+    except FolderLockedError as e:
+        raise_user(str(e))
+    try:
+        if not args.resume:
+            write_plan(plan, out_dir)
         run_units(plan, out_dir, show_progress=False if args.no_progress else None, log=_log)
+        headline = [u for u in plan["units"] if u["budget"] == headline_budget(plan)]
+        measure_units(out_dir, plan["units"], headline, log=_log)
+        rows, payload, verdicts = build_report(plan, out_dir)
+    except CompareStopped as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
     except RuntimeError as e:
         raise_user(str(e))
-    headline = [u for u in plan["units"] if u["budget"] == headline_budget(plan)]
-    measure_units(out_dir, plan["units"], headline, log=_log)
-    rows, payload, verdicts = build_report(plan, out_dir)
+    finally:
+        lock.release()
     print_tables(rows, payload, verdicts, out_dir)
     return 0

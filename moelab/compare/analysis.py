@@ -27,6 +27,7 @@ NUMBERS = (
     "dropped_fraction", "loss_spikes", "aux_loss", "balance_loss", "z_loss",
     "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_batch8",
     "kv_cache_bytes_per_token", "weight_bytes_per_token_batch1", "weight_bytes_per_token_batch8",
+    "alltoall_bytes_per_step", "fsdp_bytes_per_step", "comm_time_share",
 )
 INFERENCE = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_batch8",
              "kv_cache_bytes_per_token", "weight_bytes_per_token_batch1", "weight_bytes_per_token_batch8")
@@ -88,6 +89,20 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def communication(trains: list[dict]) -> dict:
+    """Per training step of a distributed run (metrics' ``comm``, one value per rank): bytes the
+    busiest rank sent in all-to-all and in FSDP collectives, and the share of the step the slowest
+    rank spent in them. None for a one-process run."""
+    recs = [r["comm"] for r in trains if "comm" in r]
+    if len(recs) < 2:
+        return {"alltoall_bytes_per_step": None, "fsdp_bytes_per_step": None, "comm_time_share": None}
+    step_s = (trains[-1]["elapsed_s"] - trains[0]["elapsed_s"]) / max(1, trains[-1]["step"] - trains[0]["step"])
+    comm_s = stats.mean([max(a + f for a, f in zip(c["alltoall_s"], c["fsdp_s"])) for c in recs])
+    return {"alltoall_bytes_per_step": stats.mean([max(c["alltoall_bytes"]) for c in recs]),
+            "fsdp_bytes_per_step": stats.mean([max(c["fsdp_bytes"]) for c in recs]),
+            "comm_time_share": comm_s / step_s if step_s > 0 else None}
+
+
 def read_unit(unit: dict, out_dir: Path) -> UnitResult:
     run_dir = Path(unit["run_dir"])
     summary = _read_json(run_dir / "summary.json")
@@ -129,6 +144,7 @@ def read_unit(unit: dict, out_dir: Path) -> UnitResult:
         "balance_loss": stats.mean([r.get("balance_loss") for r in routers]),
         "z_loss": stats.mean([r.get("z_loss") for r in routers]),
         **{k: inference.get(k) for k in INFERENCE},
+        **communication(tail),
     }
     return UnitResult(unit["id"], unit["model"], unit["seed"], unit["budget"], str(run_dir), kind, values,
                       [{"tokens": e["tokens"], "elapsed_s": e["elapsed_s"], "val_loss": e["val_loss"]} for e in evals],

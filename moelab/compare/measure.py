@@ -187,6 +187,29 @@ def _summarise(model, rows: list[dict], prompts_BT: torch.Tensor) -> dict:
     return out
 
 
+INSPECT_TOKENS = 16384
+
+
+def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] = print) -> None:
+    """``moelab inspect``'s summary (load, dead experts, strongest specialisation) of each sparse
+    model's first-seed run: one pass over INSPECT_TOKENS held-out tokens, no ablation."""
+    from moelab.inspect import InspectError, summary
+    first = {}
+    for u in units:
+        first.setdefault(u["model"], u)
+    for unit in first.values():
+        rec = load_measurement(out_dir, unit)
+        if "inspect" in rec:
+            continue
+        try:
+            rec["inspect"] = summary(unit["run_dir"], tokens=INSPECT_TOKENS)
+        except InspectError:                       # a dense model: nothing routed
+            rec["inspect"] = None
+        else:
+            log(f"inspected the routing of {unit['id']}")
+        write_json(_path(out_dir, unit), rec)
+
+
 def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
                   log: Callable[[str], None] = print) -> None:
     """Fill ``DIR/measurements/<unit>.json`` for every unit (validation losses per batch) and, for
@@ -201,6 +224,7 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
         rec = load_measurement(out_dir, unit)
         rec["val_batch_losses"] = losses
         write_json(_path(out_dir, unit), rec)
+    inspect_units(out_dir, inference_units, log)
     pending = [u for u in inference_units if "inference" not in load_measurement(out_dir, u)]
     by_seed: dict = {}
     for u in pending:

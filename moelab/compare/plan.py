@@ -133,9 +133,13 @@ def _model_args(spec: str) -> list[str]:
 
 
 def build_plan(models: list[str], budgets: list[Budget], budget_texts: list[str], seeds_text: str | int,
-               match: str, overrides: list[str], out_dir: Path, command: str) -> dict:
-    """Validate every unit's config (before any training) and return the plan."""
+               match: str, overrides: list[str], out_dir: Path, command: str, nproc: int = 1) -> dict:
+    """Validate every unit's config (and its layout on ``nproc`` processes) before any training,
+    and return the plan."""
     from moelab import resolve_config
+    from moelab.parallel.layout import plan_layout
+    if nproc < 1:
+        raise ConfigError(f"--nproc = {nproc} is invalid: must be >= 1")
     if match not in MATCH_MODES:
         raise ConfigError(f"--match = {match!r} is invalid: must be one of {', '.join(MATCH_MODES)}")
     names = [model_name(m) for m in models]
@@ -156,13 +160,13 @@ def build_plan(models: list[str], budgets: list[Budget], budget_texts: list[str]
             for spec, cfg, entry in zip(models, configs, entries):
                 extra = entry["overrides"] + budget_overrides(budget, cfg.train.batch_size, cfg.train.seq_len) \
                     + [f"train.seed={seed}"]
-                resolve_config(spec, overrides + extra).validate_for_training()
+                plan_layout(resolve_config(spec, overrides + extra).validate_for_training(), nproc)
                 uid = f"{entry['name']}-s{seed}-{budget.label}"
                 units.append({"id": uid, "model": entry["name"], "seed": seed, "budget": text,
                               "budget_tokens": budget.tokens, "budget_seconds": budget.seconds,
                               "run_dir": str(out_dir / "runs" / uid),
                               "train_args": _model_args(spec) + sum((["--set", o] for o in overrides + extra), [])})
-    return {"version": PLAN_VERSION, "models": entries, "seeds": seeds, "budgets": budget_texts,
+    return {"version": PLAN_VERSION, "models": entries, "seeds": seeds, "budgets": budget_texts, "nproc": nproc,
             "budget_tokens": [b.tokens for b in budgets], "scaling": len(budgets) > 1,
             "match": match, "matching": describe_matching(sizings, match), "overrides": overrides,
             "units": units, "command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S")}

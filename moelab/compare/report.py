@@ -69,6 +69,19 @@ INFERENCE_COLUMNS: list[tuple[str, Callable[[ModelSummary], str]]] = [
 ]
 
 
+COMM_COLUMNS: list[tuple[str, Callable[[ModelSummary], str]]] = [
+    ("model", lambda m: m.name),
+    ("all-to-all MiB/step", lambda m: _pm(m, "alltoall_bytes_per_step", "{:.2f}", 2**20)),
+    ("FSDP MiB/step", lambda m: _pm(m, "fsdp_bytes_per_step", "{:.2f}", 2**20)),
+    ("time in collectives", lambda m: _fmt(None if m.mean("comm_time_share") is None
+                                           else 100 * m.mean("comm_time_share"), "{:.0f}%")),
+]
+
+
+def _has_comm(rows: list[ModelSummary]) -> bool:
+    return any(m.mean("fsdp_bytes_per_step") is not None for m in rows)
+
+
 def _load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -114,6 +127,7 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
         "comparisons": [c.public() for c in comps],
         "alignment": [{"budget": b, "seed": s, **v} for (b, s), v in study.alignment.items()],
         "overrides": plan["overrides"],
+        "nproc": plan.get("nproc", 1),
         "corpus_sha256": meta["corpus"]["sha256"],
         "corpus": meta["corpus"],
         "machine": meta["machine"],
@@ -130,6 +144,9 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
     }
     if scaling is not None:
         payload["scaling"] = scaling
+    routing = inspect_summaries(plan, out_dir)
+    if routing:
+        payload["inspect"] = routing
     write_json(out_dir / "results.json", payload)
     verdicts = {c.model: c for c in comps if c.budget == study.headline and c.measure == "val_loss"}
     (out_dir / "report.md").write_text(_markdown(rows, verdicts, payload), encoding="utf-8")
@@ -190,7 +207,7 @@ Prefill: 8 prompts of up to 64 validation tokens in one forward; decode: up to 6
 the KV cache at batch 1 and 8; median of 5 interleaved rounds. KV bytes at the model's dtype;
 "weights read" counts every weight a decode step touches (the experts its tokens were routed to,
 not the embedding table) divided by the tokens it decodes.
-{scaling}
+{_comm_section(rows, payload)}{scaling}{_routing_section(payload)}
 ## What this run shows
 
 {findings_md}
@@ -199,6 +216,48 @@ not the embedding table) divided by the tokens it decodes.
 
 {figs}
 """
+
+
+def _comm_section(rows: list[ModelSummary], payload: dict) -> str:
+    if not _has_comm(rows):
+        return ""
+    return f"""
+## Communication ({payload.get('nproc', '?')} processes)
+
+{_md_table(COMM_COLUMNS, rows)}
+
+Per training step, the busiest rank: bytes it sent through the expert-parallel all-to-all and
+FSDP's all-gathers and reduce-scatters (forward and backward), and the share of the step the
+slowest rank spent inside those collectives (metrics.jsonl `comm`).
+"""
+
+
+def _routing_section(payload: dict) -> str:
+    routing = payload.get("inspect")
+    if not routing:
+        return ""
+    from moelab.inspect import summary_markdown
+    body = "\n".join(summary_markdown(s, name) for name, s in routing.items())
+    return f"""
+## Routing (`moelab inspect`, first seed)
+
+{body}
+
+Normalised load is tokens per expert over the balanced share (DeepSeek-V3's measure);
+specialisation follows OLMoE (vocabulary: share of a token id's occurrences sent to its most
+frequent expert); `moelab inspect RUN` gives the full analysis of any run folder.
+"""
+
+
+def inspect_summaries(plan: dict, out_dir: Path) -> dict:
+    """The inspect summary measured for each sparse model (``measure.inspect_units``)."""
+    from moelab.compare.measure import load_measurement
+    out = {}
+    for unit in plan["units"]:
+        s = load_measurement(out_dir, unit).get("inspect")
+        if s and unit["model"] not in out:
+            out[unit["model"]] = s
+    return out
 
 
 def print_tables(rows: list[ModelSummary], payload: dict, verdicts: dict, out_dir: Path) -> None:

@@ -35,15 +35,21 @@ def unit_state(run_dir: str | Path) -> UnitState:
     return UnitState.NEW
 
 
-def train_command(unit: dict, state: UnitState, show_progress: bool | None) -> list[str]:
+def train_command(unit: dict, state: UnitState, show_progress: bool | None, nproc: int = 1) -> list[str]:
     """The ``moelab train`` argument list for a unit that still needs training."""
     if state is UnitState.RESUMABLE:
         args = ["train", "--resume", unit["run_dir"]]
     else:
         args = ["train", "--out", unit["run_dir"], *unit["train_args"]]
+    if nproc > 1:
+        args += ["--nproc", str(nproc)]
     if show_progress is False:
         args.append("--no-progress")
     return args
+
+
+class CompareStopped(Exception):
+    """A signal stopped the compare; the unit in training saved a checkpoint (or was finished)."""
 
 
 def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
@@ -59,30 +65,40 @@ def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
             continue
         log(f"{tag}: {'resuming from its last checkpoint' if state is UnitState.RESUMABLE else 'training'}"
             f" ({unit['model']}, seed {unit['seed']}, budget {unit['budget']})")
-        code = _train(train_command(unit, state, show_progress))
+        code, stopped = _train(train_command(unit, state, show_progress, plan.get("nproc", 1)))
+        if stopped:
+            raise CompareStopped(f"compare stopped during {unit['id']} (its last checkpoint is kept); "
+                                 f"continue with: moelab compare --resume {out_dir}")
         if code != 0:
             raise RuntimeError(f"training {unit['id']} failed (exit {code}); fix the cause "
                                f"and run `moelab compare --resume {out_dir}`: finished units are kept")
 
 
-def _train(args: list[str]) -> int:
-    """Run ``python -m moelab <args>`` and wait. A SIGTERM sent to compare is passed on to the
-    training process, which can then stop at a safe point (its run folder stays resumable),
-    and compare exits once it has (status 143)."""
-    proc = subprocess.Popen([sys.executable, "-m", "moelab", *args])
+def _train(args: list[str]) -> tuple[int, bool]:
+    """Run ``python -m moelab <args>`` and wait; returns (exit status, stopped by a signal).
+
+    The training process runs in its own session, so a Ctrl-C reaches compare alone, which passes
+    one SIGTERM on: the trainer finishes its step, checkpoints and exits (status 75). A second
+    signal kills it at once; its previous checkpoint stays intact."""
+    from moelab.train.stop import EXIT_STOPPED
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], start_new_session=True)
     if threading.current_thread() is not threading.main_thread():
-        return proc.wait()
-    terminated = []
+        return proc.wait(), False
+    requested = []
 
     def forward(signum, _frame):
-        terminated.append(signum)
-        proc.send_signal(signum)
+        if not requested:
+            print(f"{signal.Signals(signum).name}: the model in training checkpoints and stops "
+                  "(again to kill it at once)", file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGTERM)
+        else:
+            proc.kill()
+        requested.append(signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    if terminated:
-        raise SystemExit(128 + signal.SIGTERM)
-    return code
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, bool(requested) or code == EXIT_STOPPED

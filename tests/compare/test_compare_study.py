@@ -188,3 +188,11 @@ def test_budget_seed_parsing_and_helpers():
     assert interpolate([0, 10], [4.0, 2.0], 5) == pytest.approx(3.0)
     assert interpolate([0, 10], [4.0, 2.0], 11) is None
     assert interpolate([0, 4.373568235], [4.0, 2.0], 4.3735682351) == 2.0   # JSON round-off
+
+
+def test_report_embeds_the_inspect_summary_of_each_sparse_model(study):
+    out, results = study
+    assert set(results["inspect"]) == {"hybrid"}                 # dense routes nothing
+    s = results["inspect"]["hybrid"]
+    assert s["moe_layers"] == 1 and s["tokens"] > 0 and s["max_normalized_load"] >= 1.0
+    assert "## Routing" in (out / "report.md").read_text()
