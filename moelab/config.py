@@ -268,6 +268,10 @@ class Config:
             _fail("train.seq_len", self.train.seq_len,
                   f"must be <= model.max_seq_len ({self.model.max_seq_len}): the model has no "
                   "positions beyond it")
+        if self.train.objective == "clm" and not self.model.causal:
+            _fail("train.objective", self.train.objective,
+                  "next-token prediction needs model.causal = true (a bidirectional model sees "
+                  "the token it must predict); train an encoder with train.objective = 'mlm'")
         return self
 
     def to_dict(self) -> dict:

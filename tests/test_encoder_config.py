@@ -59,3 +59,26 @@ def test_token_choice_routers_stay_allowed_in_a_decoder():
     for router in config_mod.ROUTER_KINDS:
         assert router not in config_mod.SEQUENCE_ROUTER_KINDS
         moelab.resolve_config("moe", [f"model.moe.router={router}"])
+
+
+def test_next_token_training_of_an_encoder_is_refused_but_building_it_is_not():
+    cfg = moelab.resolve_config("bert", ["train.objective=clm"])      # a model to build and run
+    with pytest.raises(ConfigError, match=r"train\.objective = 'clm' .*model\.causal = true"):
+        cfg.validate_for_training()
+    with pytest.raises(ConfigError, match=r"train\.objective = 'mlm' .*model\.causal = false"):
+        moelab.resolve_config("bert", ["model.causal=true"])
+
+
+@pytest.mark.parametrize("family,preset", [("llama", "bert"), ("mixtral", "bert-moe")])
+def test_hf_export_refuses_an_encoder(family, preset, tmp_path):
+    """Every family we export is a causal decoder: an encoder must not silently become one."""
+    from moelab.interop import InteropError, export_hf
+    from moelab.train.checkpoint import save_run
+    cfg = moelab.resolve_config(preset, ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2",
+                                         "model.n_heads=4", "model.ffn_hidden=48",
+                                         "model.moe.expert_hidden=24", "model.max_seq_len=32",
+                                         "model.tie_embeddings=false", "model.moe.every=1"])
+    save_run(tmp_path / "run", moelab.build(cfg), cfg)
+    with pytest.raises(InteropError, match=f"cannot export to {family}: causal = false"):
+        export_hf(tmp_path / "run", tmp_path / "out", family)
+    assert not (tmp_path / "out").exists()
