@@ -98,7 +98,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCon
     if ctx.mask is None:
         # Without a mask the queries are the last T of the S keys with S == T, or a lone query
         # (decoding) that sees every cached key; SDPA's causal mask is top-left aligned, so a
-        # lone query must not use it.
+        # lone query must not use it. An encoder's queries see every key: no mask at all.
         causal = ctx.causal and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=scale, enable_gqa=gqa)
