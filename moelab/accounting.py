@@ -3,7 +3,8 @@
 Total parameters count every weight; active parameters count what one token uses: all routed
 experts but its top-k are left out. Forward FLOPs per token follow Kaplan et al. (2020): 2 per
 multiply-accumulate of every active matmul weight (embedding lookups cost nothing), plus attention
-scores and the weighted sum of values at a given sequence length, averaged over causal positions.
+scores and the weighted sum of values at a given sequence length, averaged over causal positions
+(an encoder's every position attends all of them).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, i
         d_v = cfg.mla.v_head_dim
     else:
         d_qk = d_v = cfg.attn_head_dim
-    mean_keys = (T + 1) / 2                            # causal: position t sees t + 1 keys
+    # causal: position t sees t + 1 keys; an encoder's positions see all T
+    mean_keys = (T + 1) / 2 if cfg.causal else T
     attention = int(2 * cfg.n_layers * cfg.n_heads * (d_qk + d_v) * mean_keys)
     return {"matmul": 2 * matmul, "attention": attention, "total": 2 * matmul + attention}
 

@@ -109,6 +109,34 @@ def evaluate(model: Transformer, batches, device: torch.device, runtime=None) ->
     return runtime.mean([mean])[0] if runtime is not None else mean
 
 
+@dataclass(frozen=True)
+class Scores:
+    loss: float       # mean cross-entropy over the scored targets
+    accuracy: float   # fraction of the scored targets that are the model's top-1 prediction
+    scored: int       # how many targets were scored
+
+
+@torch.no_grad()
+def evaluate_scores(model: Transformer, batches, device: torch.device) -> Scores:
+    """Loss and top-1 accuracy over the scored targets of fixed batches (for a masked LM: the
+    masked-token loss and accuracy). Reads the logits, so it costs more than ``evaluate``."""
+    from moelab.model.linear_cross_entropy import IGNORE_INDEX
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, scored = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with _autocast(device):
+            logits = model(x).logits
+        keep = y != IGNORE_INDEX                                          # (B, T)
+        logits_NV, y_N = logits[keep].float(), y[keep]
+        loss_sum += F.cross_entropy(logits_NV, y_N, reduction="sum").item()
+        correct += int((logits_NV.argmax(dim=-1) == y_N).sum())
+        scored += int(y_N.numel())
+    model.train(was_training)
+    return Scores(loss_sum / max(1, scored), correct / max(1, scored), scored)
+
+
 def _first_nonfinite_module(model: Transformer, x: torch.Tensor, device) -> str:
     """Re-run the forward with hooks and name the first sub-module whose output is not finite."""
     found: list[str] = []
@@ -180,7 +208,7 @@ def _run_folder_lock(run_dir: Path, runtime):
 
 def _train(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: bool, init_from,
            command: str, log, show_progress) -> dict:
-    from moelab.data import TokenBatches, prepare_data, val_batches
+    from moelab.data import objective_batches, prepare_data
 
     t_cfg, layout, device = cfg.train, runtime.layout, runtime.device
     logger = RunLogger(run_dir, show_progress=show_progress, log=log, writer=layout.is_main)
@@ -191,8 +219,7 @@ def _train(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: 
     data = prepare_data(cfg.data, cfg.model.vocab_size, log=logger.info) if layout.is_main else None
     runtime.barrier()
     data = data or prepare_data(cfg.data, cfg.model.vocab_size, log=logger.info)
-    batches = TokenBatches(data.train_tokens, t_cfg.batch_size, t_cfg.seq_len, t_cfg.seed)
-    val = val_batches(data.val_tokens, t_cfg.batch_size, t_cfg.seq_len, t_cfg.eval_batches)
+    batches, val = objective_batches(t_cfg, data)    # train.objective: next-token or masked LM
 
     logger.open_tensorboard()           # its import is not training memory: do it before tracking
     memory = PeakMemory(device).start()

@@ -214,6 +214,9 @@ def check_window(c: HFConfig, max_len: int) -> None:
 
 
 def common_to_hf(m: ModelConfig, family: str) -> dict:
+    if not m.causal:
+        refuse(family, "causal = false", "every family here is a causal decoder; an encoder's "
+               "bidirectional attention would silently become causal")
     return {
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
