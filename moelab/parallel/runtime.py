@@ -100,11 +100,16 @@ class Distributed:
         if missing:
             raise ConfigError(f"WORLD_SIZE = {layout.world_size} but {', '.join(missing)} is not set: "
                               "start distributed runs with torchrun (or `moelab train --nproc N`)")
-        try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                    device_id=device if device.type == "cuda" else None)
-        except (RuntimeError, ValueError, TimeoutError) as e:
-            raise ConfigError(f"could not join the torchrun rendezvous ({backend}): {e}") from None
+        # A caller that already runs its own process group (a library user, the test worker that
+        # trains several jobs in one launch) keeps it: re-initialising one in the same process can
+        # read the previous group's rendezvous keys from the store and hang.
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:
+            try:
+                dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                        device_id=device if device.type == "cuda" else None)
+            except (RuntimeError, ValueError, TimeoutError) as e:
+                raise ConfigError(f"could not join the torchrun rendezvous ({backend}): {e}") from None
         self._dist = dist
         # experts: (dp_replicate, dp_shard_mod_ep, ep), the ep dim splits them, the rest is FSDP;
         # dense parameters: FSDP over dp_shard = dp_shard_mod_ep x ep (HSDP with dp_replicate)
@@ -201,7 +206,7 @@ class Distributed:
         self._dist.barrier()
 
     def close(self) -> None:
-        if self._dist.is_initialized():
+        if self._owns_group and self._dist.is_initialized():
             self._dist.destroy_process_group()
 
 

@@ -19,9 +19,11 @@ import torch.distributed as dist
 def train_jobs(path: str) -> None:
     import moelab
     from moelab.train.trainer import train
+    dist.init_process_group("gloo")     # one group for every job: the runtime joins it, keeps it
     for job in json.loads(Path(path).read_text()):
         cfg = moelab.resolve_config(job["preset"], job["overrides"])
         train(cfg, job["out"], show_progress=False, log=lambda m: None)
+    dist.destroy_process_group()
 
 
 def _layer(router: str):
