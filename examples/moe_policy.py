@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -168,7 +168,8 @@ def run_experiment(env_id: str, base: PolicyConfig, ppo_cfg: ppo.PPOConfig, seed
                 f"{r.train_cpu_seconds:.1f} s CPU)")
     batch = ppo_cfg.num_envs * ppo_cfg.rollout_steps
     steps = [batch * (u + 1) for u in range(max(1, ppo_cfg.total_steps // batch))]
-    setup = {"policy": vars(base) | {"moe": None}, "ppo": vars(ppo_cfg), "seeds": seeds,
+    setup = {"policy": {k: v for k, v in asdict(base).items() if k != "moe"}, "ppo": asdict(ppo_cfg),
+             "seeds": seeds,
              "final_return": f"mean return of {ppo_cfg.eval_episodes} greedy episodes after training",
              "matching": f"expert_hidden = ffn_hidden / top_k = {base.ffn_hidden} / {base.top_k}"}
     results = {}

@@ -12,12 +12,13 @@ from moelab.model.ffn import SwiGLU
 
 import vit_moe
 
-# Accuracy difference allowed between capacity 1.0 + score priority and dropless, same seed:
-# 0.03 = 11 of the 360 test images, about two binomial standard errors of a 360-image accuracy
-# at the ~0.8 the quick setting reaches (sqrt(0.8 * 0.2 / 360) = 0.021, and a difference of two
-# such accuracies has about sqrt(2) times that, 0.03). Same seed, same initial weights and batch
-# order: only the dropped tokens differ.
-CAPACITY_TOLERANCE = 0.03
+TEST_IMAGES = 360
+
+
+def noise_tolerance(accuracy: float) -> float:
+    """Two standard errors of the difference of two accuracies measured on the 360 test images:
+    2 * sqrt(2 p (1 - p) / 360), about 0.035 (13 images) at the ~0.94 the quick setting reaches."""
+    return 2.0 * math.sqrt(2.0 * accuracy * (1.0 - accuracy) / TEST_IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_quick_run_reports_finite_metrics_with_the_documented_keys(quick):
         assert 0.0 <= r["accuracy_mean"] <= 1.0 and r["accuracy_sd"] >= 0.0
         assert len(r["accuracies"]) == 3                      # three seeds
         # a few epochs on 1,437 images already beat chance (0.1) by far
-        assert r["accuracy_mean"] > 0.4
+        assert r["accuracy_mean"] > 0.6
     dense, moe = results["dense"], results["moe"]
     assert dense["active_params"] == dense["total_params"]
     assert moe["total_params"] > moe["active_params"]
@@ -63,13 +64,16 @@ def test_the_moe_blocks_are_moelab_moe_in_every_other_block():
 
 
 def test_capacity_one_with_priority_matches_dropless_on_a_fixed_seed(quick, one_thread):
+    """V-MoE: with Batch Prioritized Routing, capacity 1.0 keeps dropless accuracy. Same seed, so
+    the same initial weights and batch order; only the dropped tokens differ. On digits the MoE
+    blocks carry little (docs/examples.md), so this guards gross breakage, not a subtle bias."""
     results, _, _ = quick
     dropless = results["moe"]["accuracies"][0]                 # seed 0, from the run above
     cfg = vit_moe.ViTConfig(moe=True, capacity_factor=1.0, drop_policy="score")
     train = vit_moe.TrainConfig(epochs=vit_moe.QUICK["epochs"])
     run = vit_moe.train_and_evaluate(cfg, train, seed=0, data=vit_moe.load_digits_split())
     assert run.dropped_fraction > 0.01, "capacity 1.0 dropped nothing: the comparison would be empty"
-    assert abs(run.accuracy - dropless) <= CAPACITY_TOLERANCE, (run.accuracy, dropless)
+    assert abs(run.accuracy - dropless) <= noise_tolerance(dropless), (run.accuracy, dropless)
 
 
 @pytest.mark.parametrize("argv, message", [
