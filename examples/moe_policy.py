@@ -228,7 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on 2 CPU cores)")
     p.add_argument("--steps", type=int, default=None,
                    help="environment steps per seed (default: " +
-                        ", ".join(f"{e} {n:,}" for e, n in FULL_STEPS.items()) + f"; {QUICK_STEPS:,} with --quick)")
+                        ", ".join(f"{e} {n:,}" for e, n in FULL_STEPS.items())
+                        + f"; {QUICK_STEPS:,} with --quick)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per model (>= 2); default 3")
     p.add_argument("--experts", type=int, default=8, help="experts in the MoE layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per state (default 2)")

@@ -94,7 +94,8 @@ def train(agent: nn.Module, env_id: str, cfg: PPOConfig, seed: int) -> TrainResu
                 out = agent(obs_VO)
                 dist = torch.distributions.Categorical(logits=out.logits)
                 action_V = dist.sample()
-            obs_SVO[s], act_SV[s], logp_SV[s], value_SV[s] = obs_VO, action_V, dist.log_prob(action_V), out.value
+            obs_SVO[s], act_SV[s], value_SV[s] = obs_VO, action_V, out.value
+            logp_SV[s] = dist.log_prob(action_V)
             next_obs, reward, terminated, truncated, info = envs.step(action_V.numpy())
             step += V
             reward_V = torch.as_tensor(reward, dtype=torch.float32)

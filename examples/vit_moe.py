@@ -33,7 +33,7 @@ from torch import nn
 import moelab
 from moelab.model.ffn import SwiGLU
 
-from _shared import mean_sd, moe_layers, param_counts, print_table, save_figure, seed_everything, write_json
+from _shared import mean_sd, param_counts, print_table, save_figure, seed_everything, write_json
 
 DROP_POLICIES = ("position", "score")
 DEFAULT_CAPACITIES = (0.25, 0.5, 0.75, 1.0)
@@ -275,7 +275,8 @@ def run_experiment(base: ViTConfig, train: TrainConfig, seeds: list[int],
                           **{k: row[k] for k in ("accuracy_mean", "accuracy_sd", "accuracies",
                                                  "dropped_fraction_mean", "accuracy_without_odd_ffns_mean",
                                                  "train_seconds_mean", "train_cpu_seconds_mean")}})
-    setup = {"vit": {k: v for k, v in asdict(base).items() if k != "moe"}, "train": asdict(train), "seeds": seeds,
+    setup = {"vit": {k: v for k, v in asdict(base).items() if k != "moe"}, "train": asdict(train),
+             "seeds": seeds,
              "data": "sklearn digits, stratified 80/20 split (random_state=0): 1437 train, 360 test",
              "matching": f"expert_hidden = ffn_hidden / top_k = {base.ffn_hidden} / {base.top_k}"}
     results["dense"]["setup"] = results["moe"]["setup"] = setup
@@ -357,9 +358,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help=f"a short run for a smoke test ({QUICK['epochs']} epochs; under a minute on 2 CPU cores)")
+                   help=f"a short run for a smoke test ({QUICK['epochs']} epochs; under a minute on 2 CPU "
+                        "cores)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per model (>= 2); default 3")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {TrainConfig().epochs}; {QUICK['epochs']} with --quick)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default {TrainConfig().epochs}; {QUICK['epochs']} with --quick)")
     p.add_argument("--capacity", type=float, nargs="*", default=None, metavar="C",
                    help="also sweep these capacity factors (0 < C <= 1) under both drop priorities; "
                         f"with no value: {' '.join(map(str, DEFAULT_CAPACITIES))}")

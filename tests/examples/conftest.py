@@ -23,7 +23,8 @@ if str(EXAMPLES) not in sys.path:
 def _run_example(script: str, args: list[str], cwd: Path) -> tuple[dict, str]:
     """Run ``python examples/<script> args --json F`` in ``cwd``; return the JSON and stdout."""
     out_json = cwd / "results.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args, "--json", str(out_json)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"

@@ -17,9 +17,11 @@ import ppo
 
 @pytest.fixture(scope="module")
 def quick(run_example, tmp_path_factory):
-    """``python examples/moe_policy.py --quick --json F`` (CartPole-v1), run once."""
+    """``python examples/moe_policy.py --quick --steps 4096 --json F`` (CartPole-v1), run once."""
     folder = tmp_path_factory.mktemp("policy_quick")
-    results, stdout = run_example("moe_policy.py", ["--quick", "--png", str(folder / "curves.png")], folder)
+    # --quick with half its steps keeps CI short; tests/examples/test_vit_moe.py runs its --quick as is
+    args = ["--quick", "--steps", "4096", "--png", str(folder / "curves.png")]
+    results, stdout = run_example("moe_policy.py", args, folder)
     return results, stdout, folder
 
 
@@ -49,8 +51,9 @@ def test_quick_run_reports_finite_returns_with_the_documented_keys(quick):
 def test_the_penultimate_layer_is_moelab_moe():
     agent = moe_policy.build_agent("CartPole-v1", moe_policy.PolicyConfig(moe=True))
     for tower in (agent.actor, agent.critic):
-        assert type(tower.penultimate) is moelab.MoE
-        assert tower.penultimate.cfg.expert_hidden * tower.penultimate.cfg.top_k == moe_policy.PolicyConfig().ffn_hidden
+        layer = tower.penultimate
+        assert type(layer) is moelab.MoE
+        assert layer.cfg.expert_hidden * layer.cfg.top_k == moe_policy.PolicyConfig().ffn_hidden
     dense = moe_policy.build_agent("CartPole-v1", moe_policy.PolicyConfig(moe=False))
     assert type(dense.actor.penultimate) is SwiGLU
     assert not any(isinstance(m, moelab.MoE) for m in dense.modules())
