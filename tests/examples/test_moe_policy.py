@@ -25,6 +25,7 @@ def quick(run_example, tmp_path_factory):
     return results, stdout, folder
 
 
+@pytest.mark.slow   # the example's --quick run at 4096 steps: ~15 s of CPU
 def test_quick_run_reports_finite_returns_with_the_documented_keys(quick):
     results, stdout, folder = quick
     assert set(results) == {"dense", "moe"}

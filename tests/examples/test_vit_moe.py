@@ -29,6 +29,7 @@ def quick(run_example, tmp_path_factory):
     return results, stdout, folder
 
 
+@pytest.mark.slow   # the example's --quick run: ~30 s of CPU
 def test_quick_run_reports_finite_metrics_with_the_documented_keys(quick):
     results, stdout, folder = quick
     assert set(results) == {"dense", "moe"}
@@ -63,6 +64,7 @@ def test_the_moe_blocks_are_moelab_moe_in_every_other_block():
     assert layer.cfg.expert_hidden * layer.cfg.top_k == dense_model.blocks[1].ffn.hidden
 
 
+@pytest.mark.slow   # the --quick run, then one more training: ~5 s of CPU
 def test_capacity_one_with_priority_matches_dropless_on_a_fixed_seed(quick, one_thread):
     """V-MoE: with Batch Prioritized Routing, capacity 1.0 keeps dropless accuracy. Same seed, so
     the same initial weights and batch order; only the dropped tokens differ. On digits the MoE
