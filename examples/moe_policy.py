@@ -149,7 +149,9 @@ def summarise(runs: list[SeedResult], steps: list[int], agent: nn.Module, env_id
         "train_cpu_seconds_mean": mean_sd([r.train_cpu_seconds for r in runs])[0],
         "curve": {"env_steps": [steps[i] for i in keep],
                   "return_mean": per_step.mean(axis=1).tolist(),
-                  "return_sd": per_step.std(axis=1, ddof=1).tolist()},
+                  "return_sd": per_step.std(axis=1, ddof=1).tolist(),
+                  "return_min": per_step.min(axis=1).tolist(),
+                  "return_max": per_step.max(axis=1).tolist()},
     }
 
 
@@ -203,14 +205,14 @@ def plot_results(results: dict, path) -> None:
     for name, color in (("dense", "tab:gray"), ("moe", "tab:blue")):
         r = results[name]
         xs = np.array(r["curve"]["env_steps"])
-        mean, sd = np.array(r["curve"]["return_mean"]), np.array(r["curve"]["return_sd"])
         label = (f"{name}: {r['active_params']:,} active / {r['total_params']:,} total params")
-        ax.plot(xs, mean, color=color, label=label)
-        ax.fill_between(xs, mean - sd, mean + sd, color=color, alpha=0.2)
+        ax.plot(xs, r["curve"]["return_mean"], color=color, label=label)
+        # the band spans the seeds (lowest to highest), so it never leaves the returns' range
+        ax.fill_between(xs, r["curve"]["return_min"], r["curve"]["return_max"], color=color, alpha=0.2)
     seeds = len(results["dense"]["seeds"])
     ax.set_xlabel("environment steps")
     ax.set_ylabel(f"training return (last {CURVE_WINDOW} episodes)")
-    ax.set_title(f"PPO on {results['dense']['env']}: mean ± sd over {seeds} seeds")
+    ax.set_title(f"PPO on {results['dense']['env']}: mean over {seeds} seeds, band = min to max")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -40,6 +40,7 @@ def test_quick_run_reports_finite_returns_with_the_documented_keys(quick):
         assert all(1.0 <= x <= 500.0 for x in r["final_returns"])
         curve = r["curve"]
         assert len(curve["env_steps"]) == len(curve["return_mean"]) == len(curve["return_sd"]) > 0
+        assert all(lo <= m <= hi for lo, m, hi in zip(curve["return_min"], curve["return_mean"], curve["return_max"]))
     dense, moe = results["dense"], results["moe"]
     assert dense["active_params"] == dense["total_params"] < moe["total_params"]
     # matched: active MoE = the dense network + one router (E x W) in each of actor and critic
