@@ -3,10 +3,12 @@ results table and the JSON file. The models and experiments live in their own sc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +18,15 @@ from torch import nn
 
 import moelab
 from moelab.fileio import write_text_atomic
+
+
+def require_extra(*modules: str) -> None:
+    """Stop with the install command, not an ImportError traceback, when the optional
+    dependencies of the examples are missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"examples: {', '.join(missing)} is not installed; install the 'examples' extra: "
+                 "pip install 'moelab[examples]' (in a checkout: pip install -e '.[examples]')")
 
 
 def seed_everything(seed: int) -> None:

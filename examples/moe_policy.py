@@ -29,8 +29,11 @@ from torch import nn
 import moelab
 from moelab.model.ffn import SwiGLU
 
-import ppo
-from _shared import mean_sd, param_counts, print_table, save_figure, seed_everything, write_json
+from _shared import (mean_sd, param_counts, print_table, require_extra, save_figure, seed_everything,
+                     write_json)
+
+require_extra("gymnasium")
+import ppo  # noqa: E402  (needs gymnasium)
 
 ENVS = ("CartPole-v1", "Acrobot-v1")
 # environment steps per seed in a full run: where PPO has about levelled off on these tasks

@@ -9,13 +9,13 @@ grey images, no download).
 
 Matching: each expert is a SwiGLU of width ffn_hidden / top_k, so a token's top_k experts hold
 as many weights as the dense SwiGLU of width ffn_hidden; the MoE adds only its router (E x D per
-MoE block) to the active count. ``--capacity`` trains and evaluates with capacity factors C < 1
+MoE block) to the active count. ``--capacity`` trains and evaluates with capacity factors C <= 1
 (each expert takes ceil(C * N * K / E) of a batch's N * K assignments) under two drop priorities:
 "position" (moelab's default: first choices before second, earlier images first) and "score"
 (V-MoE's Batch Prioritized Routing: highest router weight first). V-MoE reports that BPR keeps
 accuracy when many tokens are dropped; this script measures whether that holds here.
 
-Legend: B images, T tokens (patches + class token), D width, C classes.
+Legend: B images, P patches, T tokens (P + the class token), D width, Y classes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -33,7 +33,10 @@ from torch import nn
 import moelab
 from moelab.model.ffn import SwiGLU
 
-from _shared import mean_sd, param_counts, print_table, save_figure, seed_everything, write_json
+from _shared import (mean_sd, param_counts, print_table, require_extra, save_figure, seed_everything,
+                     write_json)
+
+require_extra("sklearn")
 
 DROP_POLICIES = ("position", "score")
 DEFAULT_CAPACITIES = (0.25, 0.5, 0.75, 1.0)
@@ -52,7 +55,7 @@ class ViTConfig:
     num_experts: int = 8
     top_k: int = 2
     capacity_factor: Optional[float] = None   # None = dropless; used in training and evaluation
-    drop_policy: str = "position"             # "score" = Batch Prioritized Routing
+    drop_policy: Literal["position", "score"] = "position"   # "score" = Batch Prioritized Routing
     aux_loss_coef: float = 0.01               # Switch balance loss (V-MoE uses importance + load)
     # 1/sqrt(d_model). ViT's 0.02 is tuned for d_model = 768; at 64 it leaves every FFN almost
     # silent at the start, and 3 epochs reached 0.78 test accuracy instead of 0.94 (MoE, seed 0)
@@ -79,14 +82,14 @@ def load_digits_split(test_fraction: float = 0.2, split_seed: int = 0):
     y = digits.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y,
                                               random_state=split_seed)
-    as_images = lambda a: torch.from_numpy(a).unsqueeze(1)      # (N, 1, 8, 8)
+    as_images = lambda a: torch.from_numpy(a).unsqueeze(1)      # (images, 1, 8, 8)
     return as_images(x_tr), torch.from_numpy(y_tr), as_images(x_te), torch.from_numpy(y_te)
 
 
 # ---------------------------------------------------------------- model
 @dataclass
 class ViTOutput:
-    logits: torch.Tensor                  # (B, C)
+    logits: torch.Tensor                  # (B, Y)
     aux_loss: torch.Tensor                # scalar: the MoE blocks' balance losses, weighted
     router_stats: list[moelab.RouterStats]
 
@@ -162,7 +165,7 @@ class ViT(nn.Module):
             if moe_out is not None:
                 aux = aux + moe_out.aux_loss
                 stats.append(moe_out.stats)
-        return ViTOutput(self.head(self.ln_f(x[:, 0])), aux, stats)           # (B, C)
+        return ViTOutput(self.head(self.ln_f(x[:, 0])), aux, stats)           # (B, Y)
 
 
 # ---------------------------------------------------------------- train / evaluate
