@@ -3,7 +3,8 @@
 Total parameters count every weight; active parameters count what one token uses: all routed
 experts but its top-k are left out. Forward FLOPs per token follow Kaplan et al. (2020): 2 per
 multiply-accumulate of every active matmul weight (embedding lookups cost nothing), plus attention
-scores and the weighted sum of values at a given sequence length, averaged over causal positions.
+scores and the weighted sum of values at a given sequence length, averaged over causal positions
+(an encoder's every position attends all of them).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class LayerCount:
     active: int
 
 
-def _attention_params(cfg: ModelConfig) -> int:
+def attention_params(cfg: ModelConfig) -> int:
+    """Parameters of one attention sublayer (projections, biases, q/k or latent norms)."""
     D, H = cfg.d_model, cfg.n_heads
     if cfg.attention == "mla":
         a = cfg.mla
@@ -37,26 +39,54 @@ def _attention_params(cfg: ModelConfig) -> int:
     return qkv + H * Dh * D + norms
 
 
-def _ffn_params(cfg: ModelConfig, layer: int) -> tuple[int, int]:
-    """(total, active) parameters of one layer's FFN."""
+@dataclass(frozen=True)
+class FFNParams:
+    """One layer's FFN parameters by kind: what is sharded where under expert parallelism
+    (routed experts split over EP ranks, the rest replicated on them) and what a token uses."""
+
+    dense: int = 0          # dense SwiGLU (a dense layer)
+    router: int = 0         # gate (+ learned noise weight for the noisy router)
+    router_active: int = 0  # the gate alone: the noise weight only acts in training
+    experts: int = 0        # number of routed experts
+    per_expert: int = 0     # one routed expert
+    top_k: int = 0
+    shared: int = 0         # shared experts (+ their sigmoid gate)
+
+    @property
+    def routed(self) -> int:
+        return self.experts * self.per_expert
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.router + self.routed + self.shared
+
+    @property
+    def active(self) -> int:
+        return self.dense + self.router_active + self.top_k * self.per_expert + self.shared
+
+
+def ffn_params(cfg: ModelConfig, layer: int) -> FFNParams:
     D = cfg.d_model
     E = cfg.experts_in_layer(layer)
     if E == 0:
-        n = 3 * D * cfg.ffn_hidden
-        return n, n
+        return FFNParams(dense=3 * D * cfg.ffn_hidden)
     m = cfg.moe
-    router = E * D * (2 if m.router == "noisy" else 1)
-    expert = 3 * D * m.expert_hidden
     shared = 0
     if m.num_shared_experts:
         shared = 3 * D * m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden)
         shared += D if m.shared_expert_gate else 0
-    active_router = E * D   # the noise weight is only used in training
-    return router + E * expert + shared, active_router + m.top_k * expert + shared
+    return FFNParams(router=E * D * (2 if m.router == "noisy" else 1), router_active=E * D, experts=E,
+                     per_expert=3 * D * m.expert_hidden, top_k=m.top_k, shared=shared)
+
+
+def _ffn_params(cfg: ModelConfig, layer: int) -> tuple[int, int]:
+    """(total, active) parameters of one layer's FFN."""
+    f = ffn_params(cfg, layer)
+    return f.total, f.active
 
 
 def layer_counts(cfg: ModelConfig) -> list[LayerCount]:
-    attn = _attention_params(cfg) + 2 * cfg.d_model     # + the block's two norms
+    attn = attention_params(cfg) + 2 * cfg.d_model     # + the block's two norms
     out = []
     for i in range(cfg.n_layers):
         total, active = _ffn_params(cfg, i)
@@ -66,7 +96,8 @@ def layer_counts(cfg: ModelConfig) -> list[LayerCount]:
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """{"total", "active", "embedding"}; equals summing the built model's parameters."""
+    """{"total", "active", "embedding", "head"}; equals summing the built model's parameters.
+    ``head`` is 0 when the LM head is tied to the embedding."""
     embedding = cfg.vocab_size * cfg.d_model
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     layers = layer_counts(cfg)
@@ -75,6 +106,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         "total": outside + sum(c.total for c in layers),
         "active": outside + sum(c.active for c in layers),
         "embedding": embedding,
+        "head": head,
     }
 
 
@@ -92,7 +124,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, i
         d_v = cfg.mla.v_head_dim
     else:
         d_qk = d_v = cfg.attn_head_dim
-    mean_keys = (T + 1) / 2                            # causal: position t sees t + 1 keys
+    # causal: position t sees t + 1 keys; an encoder's positions see all T
+    mean_keys = (T + 1) / 2 if cfg.causal else T
     attention = int(2 * cfg.n_layers * cfg.n_heads * (d_qk + d_v) * mean_keys)
     return {"matmul": 2 * matmul, "attention": attention, "total": 2 * matmul + attention}
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from moelab.config import ConfigError
 
 # command name -> module in moelab.commands exposing add_parser(subparsers)
-COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench"]
+COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan",
+            "inspect"]
 
 
 class UserError(Exception):
@@ -35,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]   # for commands that relaunch
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun every rank meets the same error: one of them says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

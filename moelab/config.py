@@ -36,6 +36,12 @@ BalanceScope = Literal["micro", "global"]
 Objective = Literal["clm", "mlm"]
 
 ROUTER_KINDS = typing.get_args(RouterKind)
+# Routers whose choice for one token depends on the other tokens of its batch or sequence (expert
+# choice, Zhou et al. 2022: each expert takes its top-scoring tokens). In a causal decoder future
+# tokens would steer past ones in training, and generation has no future to look at, so these
+# need model.causal = false. Named before they are implemented, so that adding one to RouterKind
+# brings this rule with it.
+SEQUENCE_ROUTER_KINDS = ("expert_choice",)
 ATTENTION_KINDS = typing.get_args(AttentionKind)
 
 
@@ -262,6 +268,10 @@ class Config:
             _fail("train.seq_len", self.train.seq_len,
                   f"must be <= model.max_seq_len ({self.model.max_seq_len}): the model has no "
                   "positions beyond it")
+        if self.train.objective == "clm" and not self.model.causal:
+            _fail("train.objective", self.train.objective,
+                  "next-token prediction needs model.causal = true (a bidirectional model sees "
+                  "the token it must predict); train an encoder with train.objective = 'mlm'")
         return self
 
     def to_dict(self) -> dict:
@@ -370,6 +380,9 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
     _positive(f"{p}.num_experts", moe.num_experts)
     _positive(f"{p}.expert_hidden", moe.expert_hidden)
     _one_of(f"{p}.router", moe.router, ROUTER_KINDS)
+    if moe.router in SEQUENCE_ROUTER_KINDS and m.causal:
+        _fail(f"{p}.router", moe.router, "routes each token by looking at the whole batch or "
+              "sequence, which a causal decoder must not: it needs model.causal = false")
     _one_of(f"{p}.group_score", moe.group_score, typing.get_args(GroupScore))
     _one_of(f"{p}.drop_policy", moe.drop_policy, typing.get_args(DropPolicy))
     _one_of(f"{p}.balance_scope", moe.balance_scope, typing.get_args(BalanceScope))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
@@ -11,43 +12,121 @@ from moelab.commands import raise_user
 
 
 def add_parser(sub) -> None:
-    from moelab.compare import DEFAULT_BUDGET, DEFAULT_MODELS
-    p = sub.add_parser("compare", help="train Dense, MoE and Hybrid models under one budget and report")
+    from moelab.compare import DEFAULT_BUDGET, DEFAULT_MATCH, DEFAULT_MODELS, DEFAULT_SEEDS
+    from moelab.compare.matching import MATCH_MODES
+    p = sub.add_parser("compare", help="train Dense, MoE and Hybrid models over seeds and budgets, and report")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"comma-separated presets or config TOML files (default {','.join(DEFAULT_MODELS)})")
-    p.add_argument("--budget", default=DEFAULT_BUDGET,
-                   help=f"per model: tokens ('2M', '500k') or time ('10m', '90s'); default {DEFAULT_BUDGET}")
+    p.add_argument("--budget", default=None,
+                   help=f"per model and seed: tokens ('2M', '500k') or time ('10m', '90s'); default {DEFAULT_BUDGET}")
+    p.add_argument("--budgets", default=None, metavar="B1,B2,...",
+                   help="several token budgets (e.g. 250k,500k,1M): one run per model, seed and budget, "
+                        "then a fit of loss against tokens and the crossover budgets")
+    p.add_argument("--seeds", default=str(DEFAULT_SEEDS), metavar="N",
+                   help=f"train every model at N seeds (train.seed, +1, ...) or at a list (1,2,3); "
+                        f"default {DEFAULT_SEEDS}")
+    p.add_argument("--match", default=DEFAULT_MATCH, choices=MATCH_MODES,
+                   help=f"size the models to equal active, total or both parameter counts "
+                        f"(none: as configured); default {DEFAULT_MATCH}")
     p.add_argument("--out", help="report folder (default runs/compare-<time>)")
-    p.add_argument("--resume", metavar="DIR", help="continue an interrupted compare; finished models are kept")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted compare; finished units are kept")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every model, e.g. --set model.n_layers=2")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train every model on N processes of this machine (torchrun; see "
+                        "`moelab train --nproc`); layouts come from --set parallel.*")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (units, sizes, matching) and stop before training")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from moelab.compare.report import build_report, print_table
-    from moelab.compare.run import load_plan, plan_compare, run_compare
+def _log(message: str) -> None:
+    print(message, flush=True)
 
-    command = "moelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("moelab") \
-        else "moelab compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+
+def _command() -> str:
+    if sys.argv[0].endswith("moelab"):
+        return "moelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return "moelab compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+
+
+def _new_plan(args) -> tuple[dict, Path]:
+    from moelab.compare import DEFAULT_BUDGET
+    from moelab.compare.plan import PLAN_FILE, build_plan, parse_budget, parse_budgets
+    if args.budget is not None and args.budgets is not None:
+        raise_user("give --budget (one budget) or --budgets (several), not both")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise_user("--models is empty: name at least one preset or config file")
+    if args.budgets is not None:
+        budgets = parse_budgets(args.budgets)
+        texts = [b.label for b in budgets]
+    else:
+        text = args.budget or DEFAULT_BUDGET
+        budgets, texts = [parse_budget(text)], [text]
+    out_dir = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out_dir / PLAN_FILE).exists() and not args.dry_run:
+        raise_user(f"{str(out_dir)!r} already holds a compare; use --resume {out_dir}")
+    plan = build_plan(models, budgets, texts, args.seeds, args.match, args.overrides, out_dir, _command(),
+                      nproc=args.nproc)
+    try:
+        plan["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        plan["load_average"] = None
+    return plan, out_dir
+
+
+def _plan_options_given(args) -> list[str]:
+    from moelab.compare import DEFAULT_MATCH, DEFAULT_MODELS, DEFAULT_SEEDS
+    defaults = {"models": ",".join(DEFAULT_MODELS), "budget": None, "budgets": None,
+                "seeds": str(DEFAULT_SEEDS), "match": DEFAULT_MATCH, "out": None, "overrides": [],
+                "nproc": 1}
+    return [f"--{'set' if k == 'overrides' else k}" for k, v in defaults.items() if getattr(args, k) != v]
+
+
+def run(args) -> int:
+    from moelab.compare.measure import measure_units
+    from moelab.compare.plan import headline_budget, load_plan, write_plan
+    from moelab.compare.report import build_report, print_tables
+    from moelab.compare.run import CompareStopped, run_units
+    from moelab.lock import FolderLock, FolderLockedError
+    from moelab.train.stop import EXIT_STOPPED
+
     if args.resume:
+        given = _plan_options_given(args)
+        if given:
+            raise_user(f"--resume continues the plan stored in {args.resume}; drop {', '.join(given)}")
         out_dir = Path(args.resume)
         plan = load_plan(out_dir)
     else:
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        if not models:
-            raise_user("--models is empty: name at least one preset or config file")
-        out_dir = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (out_dir / "compare.json").exists():
-            raise_user(f"{str(out_dir)!r} already holds a compare; use --resume {out_dir}")
-        plan = plan_compare(models, args.budget, args.overrides, out_dir, command)
-    print(f"compare: {', '.join(m['name'] for m in plan['models'])}; budget {plan['budget']} per model; "
-          f"output {out_dir}", flush=True)
+        plan, out_dir = _new_plan(args)
+    _log(f"compare: {', '.join(m['name'] for m in plan['models'])}; seeds {', '.join(map(str, plan['seeds']))}; "
+         f"budget{'s' if len(plan['budgets']) > 1 else ''} {', '.join(plan['budgets'])}; "
+         f"{len(plan['units'])} training runs; output {out_dir}")
+    for line in plan["matching"]:
+        _log("  " + line.replace("**", ""))
+    if args.dry_run:
+        for unit in plan["units"]:
+            _log(f"  {unit['id']}: moelab train --out {unit['run_dir']} " + " ".join(shlex.quote(a) for a in unit["train_args"]))
+        return 0
     try:
-        run_compare(plan, out_dir, show_progress=False if args.no_progress else None)
+        lock = FolderLock(out_dir, "compare").acquire()     # one compare writes a folder at a time
+    except FolderLockedError as e:
+        raise_user(str(e))
+    try:
+        if not args.resume:
+            write_plan(plan, out_dir)
+        run_units(plan, out_dir, show_progress=False if args.no_progress else None, log=_log)
+        headline = [u for u in plan["units"] if u["budget"] == headline_budget(plan)]
+        measure_units(out_dir, plan["units"], headline, log=_log)
+        rows, payload, verdicts = build_report(plan, out_dir)
+    except CompareStopped as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
     except RuntimeError as e:
         raise_user(str(e))
-    results, _, lines = build_report(plan, out_dir)
-    print_table(results, lines, out_dir)
+    finally:
+        lock.release()
+    print_tables(rows, payload, verdicts, out_dir)
     return 0

@@ -1,4 +1,5 @@
-"""`moelab eval RUN`: validation loss and perplexity of a run folder on its corpus."""
+"""`moelab eval RUN`: validation loss and perplexity of a run folder on its corpus; for a masked
+LM (``train.objective = "mlm"``) also the masked-token loss and accuracy."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="validation loss and perplexity of a run")
     p.add_argument("run", help="run folder")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
-    p.add_argument("--json", action="store_true", help="print {\"val_loss\", \"perplexity\"} as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print {\"val_loss\", \"perplexity\"} as JSON (a masked LM adds "
+                        "\"mlm_loss\" and \"mlm_accuracy\")")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
 
-    from moelab.data import DataError, prepare_data, val_batches
+    from moelab.data import DataError, eval_batches, prepare_data
     from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError, load_model, read_config
-    from moelab.train.trainer import evaluate, pick_device
+    from moelab.train.trainer import evaluate, evaluate_scores, pick_device
 
     if args.batches is not None and args.batches < 1:
         raise_user(f"--batches = {args.batches} is invalid: must be >= 1")
@@ -36,21 +39,30 @@ def run(args) -> int:
     tok = Path(args.run) / TOKENIZER_FILE
     if tok.is_file():   # score with the run's own tokenizer, whatever the config said
         data_cfg = dataclasses.replace(data_cfg, tokenizer=str(tok))
-    try:
-        data = prepare_data(data_cfg, cfg.model.vocab_size, log=lambda m: None)
-    except DataError as e:
-        raise_user(str(e))
-    device = pick_device(cfg.train.device)
-    model.to(device)
     t = cfg.train
     seq = min(t.seq_len, cfg.model.max_seq_len)
-    batches = val_batches(data.val_tokens, t.batch_size, seq, args.batches or t.eval_batches)
-    with torch.no_grad():
-        loss = evaluate(model, batches, device)
-    result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-              "tokens": sum(x.numel() for x, _ in batches)}
+    try:
+        data = prepare_data(data_cfg, cfg.model.vocab_size, log=lambda m: None)
+        batches = eval_batches(t, data, args.batches, seq)     # masked for an MLM run
+    except DataError as e:
+        raise_user(str(e))
+    device = pick_device(t.device)
+    model.to(device)
+    tokens = sum(x.numel() for x, _ in batches)
+    if t.objective == "mlm":
+        scores = evaluate_scores(model, batches, device)
+        loss = scores.loss
+        result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
+                  "mlm_loss": loss, "mlm_accuracy": scores.accuracy, "masked_tokens": scores.scored}
+    else:
+        with torch.no_grad():
+            loss = evaluate(model, batches, device)
+        result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
     if args.json:
         print(json.dumps(result))
+    elif t.objective == "mlm":
+        print(f"masked-LM loss {loss:.4f}  perplexity {result['perplexity']:.2f}  masked-token "
+              f"accuracy {scores.accuracy:.4f}  ({scores.scored:,} masked of {tokens:,} tokens)")
     else:
-        print(f"val loss {loss:.4f}  perplexity {result['perplexity']:.2f}  ({result['tokens']:,} tokens)")
+        print(f"val loss {loss:.4f}  perplexity {result['perplexity']:.2f}  ({tokens:,} tokens)")
     return 0

@@ -20,16 +20,26 @@ def add_parser(sub) -> None:
                                                       "the model config comes from RUN")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip batches with a non-finite loss or gradient instead of stopping")
+    p.add_argument("--strict-resume", action="store_true",
+                   help="with --resume: stop if the newest checkpoint is damaged instead of falling "
+                        "back to the newest intact one")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine: starts torchrun --standalone for you "
+                        "(gloo on CPU, nccl on GPUs); for several machines run torchrun yourself")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from moelab.data import DataError
+    from moelab.lock import FolderLockedError
     from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError, read_config
     from moelab.train.state import checkpoint_dirs
+    from moelab.train.stop import EXIT_STOPPED, StoppedByRequest
     from moelab.train.trainer import TrainingError, resume_config, train
 
+    if args.strict_resume and not args.resume:
+        raise_user("--strict-resume applies to --resume RUN only")
     overrides = list(args.overrides)
     if args.skip_nonfinite:
         overrides.append("train.skip_nonfinite=true")
@@ -58,8 +68,32 @@ def run(args) -> int:
             if checkpoint_dirs(run_dir):
                 raise_user(f"{str(run_dir)!r} already holds a run; use --resume {run_dir} or another --out")
             resume = False
-        train(cfg, run_dir, resume=resume, init_from=args.init_from, command=command,
-              show_progress=False if args.no_progress else None)
-    except (CheckpointError, TrainingError, DataError) as e:
+        if args.nproc is not None:
+            from moelab.parallel.launch import launch_torchrun
+            return launch_torchrun(args.nproc, cfg, run_dir, _without_nproc(args.argv))
+        train(cfg, run_dir, resume=resume, strict_resume=args.strict_resume, init_from=args.init_from,
+              command=command, show_progress=False if args.no_progress else None)
+    except StoppedByRequest as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
+    except (CheckpointError, TrainingError, DataError, FolderLockedError) as e:
         raise_user(str(e))
+    except OSError as e:            # a full disk or unwritable folder outside a checkpoint save
+        raise_user(f"{e.filename or 'a run file'}: {e.strerror or e}")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """This command's arguments for the worker processes: all but --nproc N."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out

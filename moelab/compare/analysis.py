@@ -1,53 +1,57 @@
-"""Numbers for the comparison, read back from each model's run folder (summary.json,
-metrics.jsonl, run_meta.json), so the report shows exactly what the runs logged."""
+"""Numbers for the comparison: each unit read back from its run folder (summary.json,
+metrics.jsonl, config.json) and its measurements, then summarised over seeds per model and budget,
+and the gaps to the reference model judged by the rule in ``stats``."""
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from moelab.train.trainer import SUMMARY_FILE, load_metrics
+from moelab.compare import stats
+from moelab.compare.measure import load_measurement
 
 SPIKE_WINDOW = 20        # a spike is judged against the mean of the previous 20 steps' losses
 SPIKE_RATIO = 1.25       # ... and must exceed it by more than 25%: batch-to-batch noise at the
                          # default batch reaches ~13% (the same hard batches in every model)
 TAIL_FRACTION = 0.25     # router statistics are averaged over the last quarter of training
 
+# Every per-model number, in table order; results.json gives each as its mean over seeds, with
+# ``<name>_sd`` (sample sd over seeds; null with one seed) and ``<name>_seeds`` (one per seed).
+NUMBERS = (
+    "total_params", "active_params", "flops_per_token", "tokens", "train_time_s", "tokens_per_s",
+    "peak_memory_bytes", "memory_estimate_bytes", "val_loss", "perplexity", "val_loss_batch_se",
+    "val_loss_rescored", "val_loss_at_equal_time", "val_loss_at_equal_tokens", "load_cv", "max_over_mean",
+    "dropped_fraction", "loss_spikes", "aux_loss", "balance_loss", "z_loss",
+    "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_batch8",
+    "kv_cache_bytes_per_token", "weight_bytes_per_token_batch1", "weight_bytes_per_token_batch8",
+    "alltoall_bytes_per_step", "fsdp_bytes_per_step", "comm_time_share",
+)
+INFERENCE = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_batch8",
+             "kv_cache_bytes_per_token", "weight_bytes_per_token_batch1", "weight_bytes_per_token_batch8")
+
 
 @dataclass
-class ModelResult:
-    name: str
-    run_dir: str
-    kind: str                       # "dense", "moe" or "hybrid" (by its layer pattern)
-    total_params: int
-    active_params: int
-    flops_per_token: int
-    tokens: int
-    train_time_s: float
-    tokens_per_s: float
-    peak_memory_bytes: int
-    memory_estimate_bytes: int
-    val_loss: float
-    perplexity: float
-    val_loss_at_equal_time: float | None
-    val_loss_at_equal_tokens: float | None
-    load_cv: float | None
-    max_over_mean: float | None
-    dropped_fraction: float | None
-    loss_spikes: int
-    aux_loss: float
-    balance_loss: float | None
-    z_loss: float | None
-    eval_curve: list[dict] = field(default_factory=list)     # tokens, elapsed_s, val_loss
-    expert_load: list[list[float]] = field(default_factory=list)   # per MoE layer, per expert
-    moe_layers: list[int] = field(default_factory=list)
+class UnitResult:
+    """One (model, seed, budget) run."""
 
-    def public(self) -> dict:
-        d = dict(self.__dict__)
-        return d
+    unit: str
+    model: str
+    seed: int
+    budget: str
+    run_dir: str
+    kind: str                                  # "dense", "moe" or "hybrid" (by its layer pattern)
+    values: dict                               # name in NUMBERS -> float or None
+    eval_curve: list = field(default_factory=list)      # {tokens, elapsed_s, val_loss}
+    expert_load: list = field(default_factory=list)     # per MoE layer, share per expert
+    moe_layers: list = field(default_factory=list)
+    val_batch_losses: Optional[list] = None
+    inference: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        return self.values.get(key)
 
 
 def count_spikes(losses: list[float], window: int = SPIKE_WINDOW, ratio: float = SPIKE_RATIO) -> int:
@@ -74,16 +78,36 @@ def interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
     return ys[-1]
 
 
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_run(name: str, run_dir: str | Path) -> ModelResult:
-    run_dir = Path(run_dir)
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    metrics = load_metrics(run_dir)
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def communication(trains: list[dict]) -> dict:
+    """Per training step of a distributed run (metrics' ``comm``, one value per rank): bytes the
+    busiest rank sent in all-to-all and in FSDP collectives, and the share of the step the slowest
+    rank spent in them. None for a one-process run."""
+    recs = [r["comm"] for r in trains if "comm" in r]
+    if len(recs) < 2:
+        return {"alltoall_bytes_per_step": None, "fsdp_bytes_per_step": None, "comm_time_share": None}
+    step_s = (trains[-1]["elapsed_s"] - trains[0]["elapsed_s"]) / max(1, trains[-1]["step"] - trains[0]["step"])
+    comm_s = stats.mean([max(a + f for a, f in zip(c["alltoall_s"], c["fsdp_s"])) for c in recs])
+    return {"alltoall_bytes_per_step": stats.mean([max(c["alltoall_bytes"]) for c in recs]),
+            "fsdp_bytes_per_step": stats.mean([max(c["fsdp_bytes"]) for c in recs]),
+            "comm_time_share": comm_s / step_s if step_s > 0 else None}
+
+
+def read_unit(unit: dict, out_dir: Path) -> UnitResult:
+    run_dir = Path(unit["run_dir"])
+    summary = _read_json(run_dir / "summary.json")
+    config = _read_json(run_dir / "config.json")
+    metrics = _metrics(run_dir)
     trains = [r for r in metrics if r["kind"] == "train"]
     evals = [r for r in metrics if r["kind"] == "eval"]
     tail = trains[int(len(trains) * (1 - TAIL_FRACTION)):] or trains
@@ -95,94 +119,188 @@ def read_run(name: str, run_dir: str | Path) -> ModelResult:
         load.append([sum(col) / len(col) for col in zip(*rows)] if rows else [])
     n_layers = config["model"]["n_layers"]
     kind = "dense" if not layers else ("moe" if len(layers) == n_layers else "hybrid")
-    mem_est = summary.get("memory_estimate_bytes") or {}
-    return ModelResult(
-        name=name, run_dir=str(run_dir), kind=kind,
-        total_params=summary["total_params"], active_params=summary["active_params"],
-        flops_per_token=summary["flops_per_token"], tokens=summary["tokens"],
-        train_time_s=summary["train_time_s"], tokens_per_s=summary["tokens_per_s"] or 0.0,
-        peak_memory_bytes=summary["peak_memory_bytes"],
-        memory_estimate_bytes=int(mem_est.get("total", 0)),
-        val_loss=summary["val_loss"], perplexity=summary["perplexity"],
-        val_loss_at_equal_time=None, val_loss_at_equal_tokens=None,
-        load_cv=_mean([r["load_cv"] for r in routers]),
-        max_over_mean=_mean([r["max_over_mean"] for r in routers]),
-        dropped_fraction=_mean([r["dropped_fraction"] for r in routers]),
-        loss_spikes=count_spikes([r["loss"] for r in trains]),
-        aux_loss=_mean([r["aux_loss"] for r in tail]) or 0.0,
-        balance_loss=_mean([r.get("balance_loss") for r in routers]),
-        z_loss=_mean([r.get("z_loss") for r in routers]),
-        eval_curve=[{"tokens": e["tokens"], "elapsed_s": e["elapsed_s"], "val_loss": e["val_loss"]} for e in evals],
-        expert_load=load, moe_layers=layers,
-    )
+    measured = load_measurement(out_dir, unit)
+    batch_losses = measured.get("val_batch_losses")
+    inference = measured.get("inference") or {}
+    se = None
+    if batch_losses and len(batch_losses) >= 2:
+        se = stats.sd(batch_losses) / math.sqrt(len(batch_losses))
+    # the batches compare scored must be the trainer's: their mean is the logged validation loss
+    rescored = stats.mean(batch_losses) if batch_losses else None
+    values = {
+        "total_params": summary["total_params"], "active_params": summary["active_params"],
+        "flops_per_token": summary["flops_per_token"], "tokens": summary["tokens"],
+        "train_time_s": summary["train_time_s"], "tokens_per_s": summary["tokens_per_s"],
+        "peak_memory_bytes": summary["peak_memory_bytes"],
+        "memory_estimate_bytes": int((summary.get("memory_estimate_bytes") or {}).get("total", 0)),
+        "val_loss": summary["val_loss"], "perplexity": summary["perplexity"],
+        "val_loss_batch_se": se,
+        "val_loss_rescored": rescored,
+        "load_cv": stats.mean([r["load_cv"] for r in routers]),
+        "max_over_mean": stats.mean([r["max_over_mean"] for r in routers]),
+        "dropped_fraction": stats.mean([r["dropped_fraction"] for r in routers]),
+        "loss_spikes": count_spikes([r["loss"] for r in trains]),
+        "aux_loss": stats.mean([r["aux_loss"] for r in tail]) or 0.0,
+        "balance_loss": stats.mean([r.get("balance_loss") for r in routers]),
+        "z_loss": stats.mean([r.get("z_loss") for r in routers]),
+        **{k: inference.get(k) for k in INFERENCE},
+        **communication(tail),
+    }
+    return UnitResult(unit["id"], unit["model"], unit["seed"], unit["budget"], str(run_dir), kind, values,
+                      [{"tokens": e["tokens"], "elapsed_s": e["elapsed_s"], "val_loss": e["val_loss"]} for e in evals],
+                      load, layers, batch_losses, inference)
 
 
-def align(results: list[ModelResult]) -> dict:
-    """Fill in the loss at equal wall-clock (the shortest run's training time) and at equal
-    tokens (the smallest token count); returns the two reference points."""
-    equal_time = min(r.train_time_s for r in results)
-    equal_tokens = min(r.tokens for r in results)
-    for r in results:
-        curve = r.eval_curve
-        r.val_loss_at_equal_time = interpolate([c["elapsed_s"] for c in curve], [c["val_loss"] for c in curve], equal_time)
-        r.val_loss_at_equal_tokens = interpolate([c["tokens"] for c in curve], [c["val_loss"] for c in curve], equal_tokens)
+def align(units: list[UnitResult]) -> dict:
+    """Within one (seed, budget) group: the loss at equal wall-clock (the shortest run's training
+    time) and at equal tokens (the smallest token count); returns the two reference points."""
+    equal_time = min(u["train_time_s"] for u in units)
+    equal_tokens = min(u["tokens"] for u in units)
+    for u in units:
+        c = u.eval_curve
+        u.values["val_loss_at_equal_time"] = interpolate([e["elapsed_s"] for e in c], [e["val_loss"] for e in c], equal_time)
+        u.values["val_loss_at_equal_tokens"] = interpolate([e["tokens"] for e in c], [e["val_loss"] for e in c], equal_tokens)
     return {"equal_time_s": equal_time, "equal_tokens": equal_tokens}
 
 
-def findings(results: list[ModelResult], ref: dict) -> list[str]:
-    """The 'what this run shows' sentences, derived from the numbers only."""
-    lines = []
+def rescoring_mismatches(units: list[UnitResult], tolerance: float = 1e-3) -> list[str]:
+    """Units whose re-scored validation batches do not average to the trainer's logged loss."""
+    return [f"{u.unit} ({u['val_loss_rescored']:.4f} vs {u['val_loss']:.4f})" for u in units
+            if u["val_loss_rescored"] is not None and abs(u["val_loss_rescored"] - u["val_loss"]) > tolerance]
 
-    def best(key):
-        scored = [(getattr(r, key), r) for r in results if getattr(r, key) is not None]
-        return sorted(scored, key=lambda t: t[0])
 
-    at_tokens = best("val_loss_at_equal_tokens")
-    if len(at_tokens) >= 2:
-        (l0, w), (l1, s) = at_tokens[0], at_tokens[1]
-        lines.append(f"At equal tokens ({ref['equal_tokens']:,}), **{w.name}** has the lowest validation "
-                     f"loss, {l0:.3f}, ahead of {s.name} by {l1 - l0:.3f} nats "
-                     f"({100 * (1 - math.exp(l0 - l1)):.1f}% lower perplexity).")
-    at_time = best("val_loss_at_equal_time")
-    if len(at_time) >= 2:
-        (l0, w), (l1, s) = at_time[0], at_time[1]
-        lines.append(f"At equal wall-clock ({ref['equal_time_s']:.0f} s of training), **{w.name}** leads "
-                     f"with {l0:.3f}, {l1 - l0:.3f} nats ahead of {s.name}.")
-    fastest = max(results, key=lambda r: r.tokens_per_s)
-    slowest = min(results, key=lambda r: r.tokens_per_s)
-    if fastest is not slowest:
-        lines.append(f"Throughput: {fastest.name} trains at {fastest.tokens_per_s:,.0f} tokens/s, "
-                     f"{fastest.tokens_per_s / max(slowest.tokens_per_s, 1e-9):.2f}x {slowest.name}'s "
-                     f"{slowest.tokens_per_s:,.0f}; measured peak memory ranges from "
-                     f"{min(r.peak_memory_bytes for r in results) / 2**20:.0f} to "
-                     f"{max(r.peak_memory_bytes for r in results) / 2**20:.0f} MiB.")
-    dense = [r for r in results if r.kind == "dense"]
-    sparse = [r for r in results if r.kind in ("moe", "hybrid")]
-    if dense and sparse:
-        d = dense[0]
-        for m in sparse:
-            if m.val_loss_at_equal_tokens is None or d.val_loss_at_equal_tokens is None:
+@dataclass
+class ModelSummary:
+    """One model at one budget, over its seeds (``runs`` in seed order)."""
+
+    name: str
+    budget: str
+    runs: list
+
+    @property
+    def kind(self) -> str:
+        return self.runs[0].kind
+
+    def seeds_of(self, key: str) -> list:
+        return [r[key] for r in self.runs]
+
+    def mean(self, key: str) -> Optional[float]:
+        return stats.mean(self.seeds_of(key))
+
+    def sd(self, key: str) -> Optional[float]:
+        return stats.sd(self.seeds_of(key))
+
+    def public(self) -> dict:
+        d = {"name": self.name, "kind": self.kind, "budget": self.budget,
+             "seeds": [r.seed for r in self.runs], "run_dirs": [r.run_dir for r in self.runs]}
+        for key in NUMBERS:
+            d[key] = self.mean(key)
+            d[f"{key}_sd"] = self.sd(key)
+            d[f"{key}_seeds"] = self.seeds_of(key)
+        d["moe_layers"] = self.runs[0].moe_layers
+        d["expert_load"] = [[stats.mean(col) for col in zip(*rows)]
+                            for rows in zip(*(r.expert_load for r in self.runs))] if self.runs[0].expert_load else []
+        d["experts_touched_batch8"] = self.runs[0].inference.get("experts_touched_batch8")
+        d["experts_per_layer"] = self.runs[0].inference.get("experts_per_layer")
+        d["inference_note"] = self.runs[0].inference.get("note")
+        d["eval_curves"] = {str(r.seed): r.eval_curve for r in self.runs}
+        return d
+
+
+@dataclass
+class Study:
+    """Everything read back: ``by_budget[budget][model] -> ModelSummary``, model order kept."""
+
+    seeds: list
+    budgets: list
+    models: list
+    by_budget: dict
+    reference: str
+    alignment: dict                      # (budget, seed) -> equal_time_s / equal_tokens
+    mismatches: list = field(default_factory=list)   # see rescoring_mismatches
+
+    @property
+    def headline(self) -> str:
+        return self.budgets[-1]
+
+    def at(self, budget: Optional[str] = None) -> list[ModelSummary]:
+        return [self.by_budget[budget or self.headline][m] for m in self.models]
+
+
+def read_study(plan: dict, out_dir: Path) -> Study:
+    units = [read_unit(u, out_dir) for u in plan["units"]]
+    alignment = {}
+    for budget in plan["budgets"]:
+        for seed in plan["seeds"]:
+            group = [u for u in units if u.budget == budget and u.seed == seed]
+            alignment[(budget, seed)] = align(group)
+    models = [m["name"] for m in plan["models"]]
+    by_budget = {b: {m: ModelSummary(m, b, [u for u in units if u.budget == b and u.model == m])
+                     for m in models} for b in plan["budgets"]}
+    first = by_budget[plan["budgets"][-1]]
+    reference = next((m for m in models if first[m].kind == "dense"), models[0])
+    return Study(plan["seeds"], plan["budgets"], models, by_budget, reference, alignment,
+                 rescoring_mismatches(units))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``model`` against ``reference`` on one measure at one budget."""
+
+    model: str
+    reference: str
+    budget: str
+    measure: str               # "val_loss" or "val_loss_at_equal_time"
+    gaps: list                 # the paired samples the verdict used
+    verdict: stats.Verdict
+
+    def public(self) -> dict:
+        return {"model": self.model, "reference": self.reference, "budget": self.budget,
+                "measure": self.measure, "paired_gaps": self.gaps, **self.verdict.public()}
+
+
+def compare(model: ModelSummary, ref: ModelSummary, measure: str = "val_loss") -> Optional[Comparison]:
+    """Judge ``model - ref`` on ``measure``: over seeds with two or more; with one seed over the
+    validation batches (final loss only); None if the numbers are missing."""
+    pairs = [(a[measure], b[measure]) for a, b in zip(model.runs, ref.runs)]
+    gaps = [a - b for a, b in pairs if a is not None and b is not None]
+    if not gaps:
+        return None
+    if len(gaps) >= 2:
+        return Comparison(model.name, ref.name, model.budget, measure, gaps, stats.judge(gaps, "seeds"))
+    a, b = model.runs[0].val_batch_losses, ref.runs[0].val_batch_losses
+    if measure == "val_loss" and a and b and len(a) == len(b) and len(a) >= 2:
+        per_batch = [x - y for x, y in zip(a, b)]
+        return Comparison(model.name, ref.name, model.budget, measure, per_batch,
+                          stats.judge(per_batch, "validation batches"))
+    return Comparison(model.name, ref.name, model.budget, measure, gaps, stats.judge(gaps, "none"))
+
+
+def comparisons(study: Study) -> list[Comparison]:
+    out = []
+    for budget in study.budgets:
+        rows = study.by_budget[budget]
+        ref = rows[study.reference]
+        for name in study.models:
+            if name == study.reference:
                 continue
-            ratio = m.active_params / d.active_params
-            gap = d.val_loss_at_equal_tokens - m.val_loss_at_equal_tokens
-            verdict = ("agrees with" if gap > 0.01 else
-                       "does not show (the gap is within 0.01 nats)" if abs(gap) <= 0.01 else
-                       "goes against")
-            lines.append(f"{m.name} ({m.total_params / 1e6:.1f}M total, {m.active_params / 1e6:.2f}M active = "
-                         f"{ratio:.2f}x {d.name}'s active) {'beats' if gap > 0 else 'trails'} {d.name} by "
-                         f"{abs(gap):.3f} nats at equal tokens: this {verdict} the usual claim that MoE "
-                         f"wins at equal active compute, at this scale and budget.")
-            if m.val_loss_at_equal_time is not None and d.val_loss_at_equal_time is not None:
-                gap_t = d.val_loss_at_equal_time - m.val_loss_at_equal_time
-                lines.append(f"At equal time {m.name} {'leads' if gap_t > 0 else 'trails'} {d.name} by "
-                             f"{abs(gap_t):.3f} nats, since it runs at "
-                             f"{m.tokens_per_s / max(d.tokens_per_s, 1e-9):.2f}x the dense throughput here.")
-    for r in sparse:
-        if r.load_cv is not None:
-            lines.append(f"{r.name}: expert load CV {r.load_cv:.2f} (max/mean {r.max_over_mean:.2f}), "
-                         f"dropped {100 * (r.dropped_fraction or 0):.1f}% of assignments, "
-                         f"{r.loss_spikes} loss spike(s).")
-    if all(r.loss_spikes == 0 for r in results):
-        lines.append(f"No run had a loss spike (a step more than {100 * (SPIKE_RATIO - 1):.0f}% above "
-                     f"the mean of its previous {SPIKE_WINDOW} steps).")
-    return lines
+            for measure in ("val_loss", "val_loss_at_equal_time"):
+                c = compare(rows[name], ref, measure)
+                if c is not None:
+                    out.append(c)
+    return out
+
+
+def speed_verdict(model: ModelSummary, ref: ModelSummary, key: str) -> Optional[stats.Verdict]:
+    """The same rule on log(reference speed / model speed): "ahead" means the model is faster.
+    Paired over seeds, or with one seed over the interleaved timing rounds."""
+    pairs = [(a[key], b[key]) for a, b in zip(model.runs, ref.runs)]
+    logs = [math.log(b / a) for a, b in pairs if a and b]
+    if len(logs) >= 2:
+        return stats.judge(logs, "seeds")
+    ra = model.runs[0].inference.get("rounds_" + key) or []
+    rb = ref.runs[0].inference.get("rounds_" + key) or []
+    per_round = [math.log(b / a) for a, b in zip(ra, rb) if a and b]
+    if len(per_round) >= 2:
+        return stats.judge(per_round, "timing rounds")
+    return stats.judge(logs, "none") if logs else None

@@ -4,6 +4,11 @@ Byte-level BPE (GPT-2 style) never meets an unknown character, so any UTF-8 text
 no normalizer and ``add_prefix_space=False`` it round-trips exactly: ``decode(encode(s)) == s``,
 indentation and newlines included, which matters for a corpus of source code.
 
+The trained BPE always holds two special tokens: end-of-text (id 0), which joins documents, and
+a mask token (id 1), which the masked LM (``train.objective = "mlm"``) puts in place of the tokens
+it hides. Reserving the mask token in every trained BPE keeps one tokenizer per corpus, so causal
+and masked models trained on the same corpus share ids; a causal model just never sees it.
+
 A trained tokenizer is cached under ``<cache>/tokenizers/`` by corpus sha256, split and vocab
 size, so a second run loads it instead of retraining. It is trained on the train split only: the
 validation documents must not shape the vocabulary the model is evaluated with.
@@ -24,9 +29,13 @@ from moelab.data.errors import DataError
 EOS_TOKEN = "<|endoftext|>"
 # End-of-text spellings of common tokenizer.json files, tried in order for a user tokenizer.
 EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
-# Changing how the BPE is trained must not reuse tokenizers cached by the old recipe.
-RECIPE = "bpe-bytelevel-v1"
-MIN_VOCAB = 257   # 256 byte symbols + end-of-text
+MASK_TOKEN = "<|mask|>"
+# Mask spellings of common tokenizer.json files (BERT, RoBERTa), tried in order for a user tokenizer.
+MASK_CANDIDATES = (MASK_TOKEN, "[MASK]", "<mask>")
+# Changing how the BPE is trained must not reuse tokenizers cached by the old recipe
+# (v2: the mask token joined end-of-text as a special token).
+RECIPE = "bpe-bytelevel-v2"
+MIN_VOCAB = 258   # 256 byte symbols + end-of-text + mask
 
 
 def new_bpe() -> Tokenizer:
@@ -39,14 +48,14 @@ def new_bpe() -> Tokenizer:
 
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE with ``vocab_size`` entries (fewer when the text runs out of merges),
-    the end-of-text token first (id 0)."""
+    the end-of-text token first (id 0), the mask token second (id 1)."""
     if vocab_size < MIN_VOCAB:
         raise DataError(f"model.vocab_size = {vocab_size} is too small for a byte-level BPE: "
-                        f"must be >= {MIN_VOCAB} (256 bytes + end-of-text)")
+                        f"must be >= {MIN_VOCAB} (256 bytes + end-of-text + mask)")
     tok = new_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[EOS_TOKEN, MASK_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
         show_progress=False,
     )
@@ -72,6 +81,16 @@ def find_eos_id(tok: Tokenizer, source: str) -> int:
             return token_id
     raise DataError(f"{source} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)}); "
                     "documents are joined with one")
+
+
+def find_mask_id(tok: Tokenizer) -> Optional[int]:
+    """The id of the tokenizer's mask token, or None when it has none (only the masked LM needs
+    one, and says so)."""
+    for name in MASK_CANDIDATES:
+        token_id = tok.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
 
 
 def load_tokenizer_file(path: str | Path, vocab_size: int) -> Tokenizer:

@@ -4,7 +4,8 @@ the rotary embeddings they apply live in ``moelab.model.rope``.
 Legend: B batch, T new tokens, S cached positions (keys), H query heads, G key/value heads,
 Dh head dim, R MLA latent rank, Dr RoPE dim of MLA.
 
-Both attention kinds run on ``F.scaled_dot_product_attention``. The caches are pre-allocated
+Both attention kinds run on ``F.scaled_dot_product_attention``, causal for a decoder and
+bidirectional (every query sees every key) for an encoder (``model.causal = false``). The caches are pre-allocated
 buffers written in place at the current slot, so decoding never concatenates the whole cache.
 MLA caches only the compressed latent and the shared RoPE key (DeepSeek-V2, section 2.1), which is
 what makes its cache small; keys and values are re-expanded from the latent when attending.
@@ -34,14 +35,16 @@ class AttentionContext:
 
     ``cos``/``sin``: (B or 1, 1, T, Dr) RoPE tables at each query's position.
     ``mask``: (B, 1, T, S) boolean, True where a query may attend a key; None means plain causal
-    attention over the T new tokens (training and full-sequence scoring).
-    ``slots``: where the T new tokens are written in a cache (start, start + T).
+    attention over the T new tokens (training and full-sequence scoring), or no mask at all when
+    ``causal`` is False (an encoder: every position sees the whole sequence).
+    ``start``: the cache slot of the first of the T new tokens.
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     mask: Optional[torch.Tensor] = None
     start: int = 0
+    causal: bool = True
 
     def rotation_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin with its first half negated), both (B or 1, T, 1, Dr): RoPE as
@@ -107,8 +110,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCon
     if ctx.mask is None:
         # Without a mask the queries are the last T of the S keys with S == T, or a lone query
         # (decoding) that sees every cached key; SDPA's causal mask is top-left aligned, so a
-        # lone query must not use it.
-        causal = q.shape[2] > 1
+        # lone query must not use it. An encoder's queries see every key: no mask at all.
+        causal = ctx.causal and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=scale, enable_gqa=gqa)
 

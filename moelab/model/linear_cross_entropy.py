@@ -17,6 +17,11 @@ plain PyTorch ops so that it runs on any device.
 
 Cost: the same matmul FLOPs as the unfused pair; memory: one (C, V) chunk instead of (N, V)
 logits plus their gradient, and the (N, D) and (V, D) gradients, which autograd holds anyway.
+
+Targets equal to ``IGNORE_INDEX`` are not scored, as in ``F.cross_entropy(..., ignore_index=-100)``:
+the mean is over the scored positions only and an unscored row gets a zero gradient (the masked
+LM scores only the selected ~15% of positions). The count of scored positions stays a tensor, so
+nothing waits on the device to read it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from torch.autograd.function import once_differentiable
 # few hundred rows keep the matmuls large.
 CHUNK_ELEMENTS = 2**21
 MIN_CHUNK_ROWS = 128
+# Targets with this value are not scored (F.cross_entropy's default ignore_index).
+IGNORE_INDEX = -100
 
 
 def chunk_rows(num_rows: int, vocab: int) -> int:
@@ -38,12 +45,13 @@ def chunk_rows(num_rows: int, vocab: int) -> int:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """mean_n CE(h_n @ W.T, y_n); gradients computed in the forward (see the module docstring)."""
+    """mean over scored n of CE(h_n @ W.T, y_n); gradients computed in the forward (see the module
+    docstring)."""
 
     @staticmethod
     def forward(ctx, h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
                 compute_dtype: torch.dtype, chunk: int, grad_enabled: bool) -> torch.Tensor:
-        N, V = h_ND.shape[0], w_VD.shape[0]
+        N = h_ND.shape[0]
         # needs_input_grad stays True under no_grad for inputs that require grad: ask the caller's
         # grad mode too, or evaluation would pay for two gradient matmuls it never uses
         need_h = grad_enabled and ctx.needs_input_grad[0]
@@ -52,24 +60,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h_ND) if need_h else None
         grad_w = torch.zeros_like(w_VD) if need_w else None
         stats_dtype = torch.promote_types(compute_dtype, torch.float32)   # float64 stays float64
+        scored_N = targets_N != IGNORE_INDEX
+        # no scored position: 0 / 0, a nan loss, as F.cross_entropy gives
+        count = scored_N.sum().to(stats_dtype)
+        inv_count = count.reciprocal()
         loss = h_ND.new_zeros((), dtype=stats_dtype)
         for s in range(0, N, chunk):
             h_CD = h_ND[s:s + chunk].to(compute_dtype)
-            y_C = targets_N[s:s + chunk]
+            scored_C1 = scored_N[s:s + chunk, None]
+            y_C1 = targets_N[s:s + chunk, None].where(scored_C1, 0)          # any valid id
             logits_CV = (h_CD @ w.t()).to(stats_dtype)                                # (C, V)
             # log-softmax statistics by hand: four vectorised passes instead of the (slower)
             # softmax kernel, and the exponentials are computed once, in place
             max_C1 = logits_CV.amax(dim=-1, keepdim=True)
-            target_C = logits_CV.gather(1, y_C[:, None]).squeeze(1)
+            target_C1 = logits_CV.gather(1, y_C1)
             probs_CV = logits_CV.sub_(max_C1).exp_()                          # unnormalised
             sum_C1 = probs_CV.sum(dim=-1, keepdim=True)
-            lse_C = max_C1.squeeze(1) + sum_C1.log().squeeze(1)
-            loss += (lse_C - target_C).sum()
+            lse_C1 = max_C1 + sum_C1.log()
+            loss += (lse_C1 - target_C1).where(scored_C1, 0).sum()
             if not (need_h or need_w):
                 continue
-            # dL/dlogits = (softmax - one_hot) / N
-            grad_CV = probs_CV.mul_(sum_C1.reciprocal_().mul_(1.0 / N))
-            grad_CV.scatter_add_(1, y_C[:, None], grad_CV.new_full((y_C.shape[0], 1), -1.0 / N))
+            # dL/dlogits = (softmax - one_hot) / count on scored rows, 0 on the others
+            row_scale_C1 = inv_count * scored_C1                              # (C, 1)
+            grad_CV = probs_CV.mul_(sum_C1.reciprocal_().mul_(row_scale_C1))
+            grad_CV.scatter_add_(1, y_C1, row_scale_C1.neg())
             grad_CV = grad_CV.to(compute_dtype)
             if need_h:
                 grad_h[s:s + chunk] = grad_CV @ w                             # (C, D)
@@ -79,7 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += (grad_CV.t() @ h_CD).to(grad_w.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        return loss / N
+        return loss / count
 
     @staticmethod
     @once_differentiable
@@ -97,7 +111,8 @@ def linear_cross_entropy(h: torch.Tensor, weight_VD: torch.Tensor, targets: torc
                          chunk: Optional[int] = None) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets``, a float32 (or float64) scalar.
 
-    ``h`` (..., D), ``targets`` (...) of int64 token ids in [0, V). Under autocast the matmuls run
+    ``h`` (..., D), ``targets`` (...) of int64 token ids in [0, V), or ``IGNORE_INDEX`` for a
+    position that is not scored (the mean is over the scored ones). Under autocast the matmuls run
     in the autocast dtype and the softmax in float32, as ``F.cross_entropy(logits.float(), y)``
     after an autocast ``F.linear`` would."""
     h_ND = h.reshape(-1, h.shape[-1])

@@ -1,6 +1,8 @@
-"""The decoder-only transformer shared by Dense, MoE and Hybrid models.
+"""The transformer shared by Dense, MoE and Hybrid models: a decoder, or with
+``model.causal = false`` an encoder (bidirectional attention, trained as a masked LM).
 
-Legend: B batch, T tokens in this call, S cached positions, D width, V vocabulary.
+Legend: B batch, T tokens in this call, S cached positions, D width, V vocabulary, N scored
+positions.
 
 Each block is ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the only thing that makes a model
 Dense, MoE or Hybrid is which FFN each layer gets (see ``ModelConfig.moe_layer_indices``).
@@ -8,6 +10,7 @@ Dense, MoE or Hybrid is which FFN each layer gets (see ``ModelConfig.moe_layer_i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -16,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelab.config import ModelConfig
+from moelab.config import ConfigError, ModelConfig
 from moelab.model.attention import AttentionContext, build_attention
 from moelab.model.ffn import SwiGLU
-from moelab.model.linear_cross_entropy import linear_cross_entropy
+from moelab.model.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from moelab.model.moe import MoE, RouterStats
 from moelab.model.norm import RMSNorm
 from moelab.model.rope import rope_tables
@@ -30,7 +33,7 @@ class ModelOutput:
     logits: Optional[torch.Tensor]           # (B, T, V); None when ``targets`` were given
     aux_loss: torch.Tensor                   # scalar: the MoE layers' weighted aux losses, summed
     router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, in order
-    loss: Optional[torch.Tensor] = None      # scalar: mean next-token cross-entropy (with targets)
+    loss: Optional[torch.Tensor] = None      # scalar: mean cross-entropy over scored targets
 
 
 class Cache:
@@ -42,6 +45,10 @@ class Cache:
 
     def __init__(self, model: "Transformer", batch: int, max_len: int,
                  pad_B: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None):
+        if not model.config.causal:
+            raise ConfigError("model.causal = False: this model is an encoder (bidirectional "
+                              "attention), and generation and the KV cache need a causal decoder; "
+                              "score whole sequences with model(tokens) instead")
         if max_len > model.config.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the model context "
                              f"(max_seq_len={model.config.max_seq_len})")
@@ -69,13 +76,37 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None):
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[RouterStats]]:
+        """(x, the MoE layer's aux loss, its router statistics); the last two are None in a dense
+        layer."""
         x = x + self.attn(self.attn_norm(x), ctx, cache)
         if not self.is_moe:
-            return x + self.ffn(self.ffn_norm(x)), None
+            return x + self.ffn(self.ffn_norm(x)), None, None
         moe = self.ffn(self.ffn_norm(x))
         moe.stats.layer = self.layer
-        return x + moe.output, moe
+        return x + moe.output, moe.aux_loss, moe.stats
+
+
+def _checkpointed(block: Block, x: torch.Tensor, ctx: AttentionContext):
+    """``block(x, ctx)`` keeping only its input: the backward runs the forward again
+    (torch.utils.checkpoint, non-reentrant; RNG state replayed, so noisy routing repeats). The
+    replay must not count routed tokens a second time for the DeepSeek-V3 bias update."""
+    from torch.utils.checkpoint import checkpoint
+
+    @contextlib.contextmanager
+    def replaying():
+        router = block.ffn.router if block.is_moe else None
+        if router is not None:
+            router.count_load = False
+        try:
+            yield
+        finally:
+            if router is not None:
+                router.count_load = True
+
+    return checkpoint(block, x, ctx, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), replaying()))
 
 
 class Transformer(nn.Module):
@@ -90,6 +121,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)   # (L, Dr)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # recompute each block's activations in the backward instead of keeping them
+        # (``parallel.activation_checkpointing``; training only)
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     # ---- parameters ---------------------------------------------------------------------------
@@ -118,7 +152,7 @@ class Transformer(nn.Module):
     def update_router_biases(self) -> None:
         """Apply DeepSeek-V3 aux-loss-free bias updates; call once per optimiser step."""
         for moe in self.moe_layers():
-            moe.router.update_bias()
+            moe.router.update_bias(moe.count_reducer)
 
     def new_cache(self, batch: int, max_len: Optional[int] = None,
                   pad_B: Optional[torch.Tensor] = None) -> Cache:
@@ -130,7 +164,7 @@ class Transformer(nn.Module):
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]                   # (T, Dr)
-            return AttentionContext(cos[None, None], sin[None, None])
+            return AttentionContext(cos[None, None], sin[None, None], causal=self.config.causal)
         start = cache.pos
         if start + T > cache.max_len:
             raise ValueError(f"cache full: {start} + {T} tokens exceed its {cache.max_len} slots")
@@ -156,21 +190,33 @@ class Transformer(nn.Module):
 
         With ``targets`` (B, T) the output holds the mean cross-entropy ``loss`` instead of the
         logits, computed by the fused LM head + loss (``linear_cross_entropy``), which never
-        materialises the (B, T, V) logits."""
+        materialises the (B, T, V) logits. A target of ``IGNORE_INDEX`` is not scored: a masked
+        LM's targets hold the original token at the selected positions and ``IGNORE_INDEX``
+        elsewhere."""
         B, T = tokens.shape
         ctx = self._context(B, T, tokens.device, cache)
         x = self.embed(tokens)                                                # (B, T, D)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         stats: list[RouterStats] = []
         for i, block in enumerate(self.blocks):
-            x, moe = block(x, ctx, cache.layers[i] if cache is not None else None)
-            if moe is not None:
-                aux_loss = aux_loss + moe.aux_loss
-                stats.append(moe.stats)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, block_aux, block_stats = _checkpointed(block, x, ctx)
+            else:
+                x, block_aux, block_stats = block(x, ctx, cache.layers[i] if cache is not None else None)
+            if block_stats is not None:
+                aux_loss = aux_loss + block_aux
+                stats.append(block_stats)
         if cache is not None:
             cache.pos += T
         if targets is not None:
-            loss = linear_cross_entropy(self.norm(x), self.lm_weight, targets)
+            h = self.norm(x)                                                  # (B, T, D)
+            if not self.config.causal:
+                # A masked LM scores ~15% of the positions: handing the LM head only those rows
+                # skips the rest of its work (one host read of the count, which a plain
+                # boolean index needs).
+                scored = targets != IGNORE_INDEX                              # (B, T)
+                h, targets = h[scored], targets[scored]                       # (N, D), (N,)
+            loss = linear_cross_entropy(h, self.lm_weight, targets)
             return ModelOutput(None, aux_loss, stats, loss)
         return ModelOutput(self.lm_logits(self.norm(x)), aux_loss, stats)
 

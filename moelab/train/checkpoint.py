@@ -42,7 +42,10 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+    try:
+        atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+    except SafetensorError as e:        # safetensors reports a failed write (full disk) as its own error
+        raise OSError(None, str(e), str(path)) from None
 
 
 def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -12,12 +12,16 @@ from moelab.train.checkpoint import METRICS_FILE
 
 
 class RunLogger:
+    """``writer=False`` (every rank but the first of a distributed run) keeps messages, metrics,
+    TensorBoard and progress silent: one process speaks for the run."""
+
     def __init__(self, run_dir: Path, show_progress: Optional[bool] = None,
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None, writer: bool = True):
         from rich.console import Console
         self.run_dir = run_dir
+        self.writer = writer
         self.console = Console(stderr=True)
-        self.interactive = self.console.is_terminal if show_progress is None else show_progress
+        self.interactive = (self.console.is_terminal if show_progress is None else show_progress) and writer
         self._log = log
         self._progress = None
         self._task = None
@@ -26,6 +30,8 @@ class RunLogger:
 
     # ---- plain messages -------------------------------------------------------------------------
     def info(self, message: str) -> None:
+        if not self.writer:
+            return
         if self._log is not None:
             self._log(message)
         elif self._progress is not None:
@@ -38,6 +44,8 @@ class RunLogger:
 
     # ---- metrics ----------------------------------------------------------------------------------
     def _append(self, record: dict) -> None:
+        if not self.writer:
+            return
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -46,7 +54,7 @@ class RunLogger:
         """Drop records logged after the checkpoint we resume from (a killed run may have logged
         steps that will now be redone), so the file reads as one uninterrupted run."""
         path = self.run_dir / METRICS_FILE
-        if not path.is_file():
+        if not self.writer or not path.is_file():
             return
         keep = [line for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= after_step]
@@ -56,6 +64,8 @@ class RunLogger:
         self._writer()
 
     def _writer(self):
+        if not self.writer:
+            return None
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -66,12 +76,16 @@ class RunLogger:
         return self._tb or None
 
     def train_record(self, loop, *, loss: float, aux_loss: float, lr: float, grad_norm: float,
-                     tokens_per_s: float, router: list[dict], skipped: bool) -> None:
+                     tokens_per_s: float, router: list[dict], skipped: bool,
+                     comm: Optional[dict] = None) -> None:
         record = {"kind": "train", "step": loop.step, "tokens": loop.tokens, "loss": loss,
                   "aux_loss": aux_loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "elapsed_s": loop.elapsed_s, "router": router}
         if skipped:
             record["skipped"] = True
+        if comm is not None:
+            # one value per rank: bytes sent and seconds spent in all-to-all and FSDP collectives
+            record["comm"] = comm
         self._append(record)
         tb = self._writer()
         if tb:
@@ -82,6 +96,9 @@ class RunLogger:
             for r in router:
                 for key in ("load_cv", "max_over_mean", "dropped_fraction", "entropy"):
                     tb.add_scalar(f"router/layer{r['layer']}/{key}", r[key], loop.step)
+            if comm is not None:
+                for key in ("alltoall_bytes", "alltoall_s", "fsdp_bytes", "fsdp_s"):
+                    tb.add_scalar(f"comm/{key}", max(comm.get(key, [0])), loop.step)
 
     def eval_record(self, loop, val_loss: float) -> None:
         import math

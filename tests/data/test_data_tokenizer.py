@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from moelab.config import DataConfig
-from moelab.data import EOS_TOKEN, DataError, PreparedData, prepare_data
+from moelab.data import EOS_TOKEN, MASK_TOKEN, DataError, PreparedData, prepare_data
 from moelab.data.tokenizer import load_tokenizer_file, train_bpe
 
 SAMPLES = [
@@ -31,6 +31,7 @@ def test_trained_tokenizer_shape(prepared: PreparedData) -> None:
     tok = prepared.tokenizer
     assert tok.get_vocab_size(with_added_tokens=True) == 512
     assert prepared.eos_id == tok.token_to_id(EOS_TOKEN) == 0
+    assert tok.token_to_id(MASK_TOKEN) == 1          # reserved in every trained BPE (masked LM)
     # Merges were learned: common code text takes far fewer tokens than bytes.
     text = "    def __init__(self, name):\n        self.name = name\n"
     assert len(tok.encode(text).ids) < len(text.encode()) / 2
@@ -39,6 +40,8 @@ def test_trained_tokenizer_shape(prepared: PreparedData) -> None:
 def test_bpe_needs_room_for_bytes() -> None:
     with pytest.raises(DataError, match=r"model\.vocab_size = 200"):
         train_bpe(["abc"], 200)
+    with pytest.raises(DataError, match=r"model\.vocab_size = 257 .*end-of-text \+ mask"):
+        train_bpe(["abc"], 257)
 
 
 def test_user_tokenizer_file_is_used(prepared: PreparedData, stdlib_slice: DataConfig,

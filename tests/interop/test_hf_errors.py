@@ -196,3 +196,15 @@ def test_shard_plan_and_sizes():
     for bad in ("big", "0", "-1MB"):
         with pytest.raises(InteropError, match="max shard size"):
             parse_size(bad)
+
+
+def test_a_field_transformers_defaults_is_taken_from_transformers():
+    """config.json files in the wild omit fields the config class defaults (rms_norm_eps here);
+    transformers fills them in, and so does the import."""
+    import transformers
+    from moelab.interop.hf import config_from_hf
+    hf = {"model_type": "mixtral", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 64, "num_local_experts": 4, "num_experts_per_tok": 2}
+    imported = config_from_hf(hf)
+    assert imported.config.model.norm_eps == transformers.MixtralConfig().rms_norm_eps

@@ -5,15 +5,17 @@ import torch
 import torch.nn.functional as F
 
 import moelab
-from moelab.model.linear_cross_entropy import chunk_rows, linear_cross_entropy
+from moelab.model.linear_cross_entropy import IGNORE_INDEX, chunk_rows, linear_cross_entropy
 from moelab.train.trainer import lm_loss
 
 
-def _plain_and_fused(N, D, V, chunk, scale=1.0, dtype=torch.float64, seed=0):
+def _plain_and_fused(N, D, V, chunk, scale=1.0, dtype=torch.float64, seed=0, ignored=None):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, D, dtype=dtype, generator=g)
     w = torch.randn(V, D, dtype=dtype, generator=g) * 0.3
     y = torch.randint(0, V, (N,), generator=g)
+    if ignored is not None:
+        y[ignored] = IGNORE_INDEX
     results = []
     for fn in (lambda a, b: F.cross_entropy(a @ b.t(), y),
                lambda a, b: linear_cross_entropy(a, b, y, chunk=chunk)):
@@ -31,6 +33,29 @@ def test_matches_plain_cross_entropy_and_its_gradients_in_float64(chunk, scale):
     torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gh1, gh0, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gw1, gw0, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_ignored_targets_are_not_scored_exactly_as_plain_cross_entropy(chunk):
+    # rows 0..13 ignored: with chunk 7 two whole chunks score nothing; then every 4th row
+    ignored = torch.zeros(50, dtype=torch.bool)
+    ignored[:14] = True
+    ignored[20::4] = True
+    (l0, gh0, gw0), (l1, gh1, gw1) = _plain_and_fused(N=50, D=16, V=37, chunk=chunk, scale=0.5,
+                                                      ignored=ignored)
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh1, gh0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-10, atol=1e-12)
+    assert not gh1[ignored].any() and gh1[~ignored].abs().amin(dim=1).gt(0).all()
+    # the mean is over the 27 scored rows: not the plain mean over all 50
+    (l_all, _, _), _ = _plain_and_fused(N=50, D=16, V=37, chunk=chunk)
+    assert not torch.isclose(l1, l_all)
+
+
+def test_nothing_scored_gives_nan_like_plain_cross_entropy():
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8)
+    y = torch.full((6,), IGNORE_INDEX)
+    assert torch.isnan(F.cross_entropy(h @ w.t(), y)) and torch.isnan(linear_cross_entropy(h, w, y))
 
 
 def test_float32_with_large_logits_stays_finite_and_close():

@@ -32,6 +32,16 @@ NON_COMPUTATIONAL = {
 }
 
 
+def transformers_defaults(model_type: str) -> dict:
+    """The default values transformers' config class for ``model_type`` gives every field, or {}
+    when transformers (or the family) is not available."""
+    try:
+        import transformers
+        return transformers.AutoConfig.for_model(model_type).to_dict()
+    except Exception:  # noqa: BLE001 - transformers missing, or too old for the family
+        return {}
+
+
 class HFConfig:
     """A Hugging Face config.json (a dict) that records which keys were read, so that keys nobody
     read can be reported instead of silently ignored."""
@@ -39,13 +49,19 @@ class HFConfig:
     def __init__(self, data: dict, family: str):
         self.data, self.family = dict(data), family
         self.read: set[str] = set()
+        self.defaults = transformers_defaults(family)
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         self.read.add(key)
         value = self.data.get(key, _MISSING)
+        if value is _MISSING and default is _MISSING and self.defaults.get(key) is not None:
+            # transformers fills a missing field with its config class's default: so do we
+            return self.defaults[key]
         if value is _MISSING or (value is None and default is not _MISSING and default is not None):
             if default is _MISSING:
-                raise InteropError(f"config.json ({self.family}) has no {key!r}")
+                raise InteropError(f"config.json ({self.family}) has no {key!r}"
+                                   + ("" if self.defaults else " (with transformers installed, its "
+                                      "default for the family would be used)"))
             return default
         return value
 
@@ -198,6 +214,9 @@ def check_window(c: HFConfig, max_len: int) -> None:
 
 
 def common_to_hf(m: ModelConfig, family: str) -> dict:
+    if not m.causal:
+        refuse(family, "causal = false", "every family here is a causal decoder; an encoder's "
+               "bidirectional attention would silently become causal")
     return {
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,

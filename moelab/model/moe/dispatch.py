@@ -57,6 +57,15 @@ def plan_dispatch(routing: Routing, num_experts: int, keep_NK: Optional[torch.Te
     )
 
 
+class LocalDispatcher:
+    """Every expert lives in this process: gather -> experts -> weighted scatter as one fused pass
+    (``GroupedExperts.forward_dispatched``). Expert parallelism swaps in
+    ``moelab.parallel.expert_parallel.AllToAllDispatcher``, which has the same call."""
+
+    def __call__(self, x_ND: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
+        return experts.forward_dispatched(x_ND, plan)
+
+
 def permute(x_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Rows for the experts, grouped by expert: (M, D)."""
     return x_ND.index_select(0, plan.token_idx_M)

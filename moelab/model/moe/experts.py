@@ -49,6 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+try:  # expert parallelism hands the experts DTensor weights; builds without distributed have none
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    class DTensor:  # type: ignore[no-redef]
+        pass
+
 if TYPE_CHECKING:
     from moelab.model.moe.dispatch import DispatchPlan
 
@@ -526,9 +532,13 @@ class GroupedExperts(nn.Module):
                 and E <= num_rows <= INFERENCE_GROUPED_MAX_ROWS_PER_EXPERT * E)
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        if isinstance(w_gate_up, DTensor):
+            # expert parallelism (moelab.parallel): this rank's experts, a differentiable view
+            w_gate_up, w_down = w_gate_up.to_local(), w_down.to_local()
         # ``.to`` is a no-op at the parameters' dtype and differentiable otherwise (bf16 compute
         # over fp32 master weights)
-        return self.w_gate_up.to(dtype), self.w_down.to(dtype)
+        return w_gate_up.to(dtype), w_down.to(dtype)
 
     def _tiles(self, x: torch.Tensor, counts_E: torch.Tensor, num_rows: int) -> list[Tile]:
         if self.resolved_backend(x) == "grouped_mm":

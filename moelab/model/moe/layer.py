@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from moelab.config import ConfigError, ModelConfig, MoEConfig, _validate_moe, from_dict
 from moelab.model.ffn import SwiGLU
 from moelab.model.moe import losses
-from moelab.model.moe.dispatch import plan_dispatch
+from moelab.model.moe.dispatch import LocalDispatcher, plan_dispatch
 from moelab.model.moe.experts import GroupedExperts
 from moelab.model.moe.router import Router, capacity, capacity_keep_mask
 
@@ -88,6 +88,12 @@ class MoE(nn.Module):
             self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
         else:
             self.shared = None
+        # How tokens reach the experts: fused and local here; an all-to-all over the expert-
+        # parallel ranks once ``moelab.parallel`` spreads the experts (same call, no branch below).
+        self.dispatcher = LocalDispatcher()
+        # Sums per-expert counts over the data-parallel ranks: for global-batch balancing and for
+        # the DeepSeek-V3 bias update, which every rank must apply alike. Identity in one process.
+        self.count_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02, out_std: Optional[float] = None) -> None:
@@ -125,9 +131,7 @@ class MoE(nn.Module):
         if factor is not None:
             keep_NK = capacity_keep_mask(routing, E, capacity(N, E, K, factor), self.cfg.drop_policy)
         plan = plan_dispatch(routing, E, keep_NK)
-        # permute -> experts -> unpermute fused into one pass (GroupedExperts.forward_dispatched);
-        # expert parallelism will run the three steps apart, with all-to-alls in between
-        out_ND = self.experts.forward_dispatched(x_ND, plan)
+        out_ND = self.dispatcher(x_ND, plan, self.experts)                  # (N, D)
 
         if self.shared is not None:
             out_ND = out_ND + self.shared_output(x_ND)
@@ -150,7 +154,10 @@ class MoE(nn.Module):
         total = routing.logits_NE.new_zeros(())
         # The balance loss is always measured (it is cheap and the logs report it); it joins the
         # total only with a positive coefficient.
-        values["balance_loss"] = losses.switch_balance_loss(routing.probs_NE, routing.ids_NK, E)
+        counts_E = losses.expert_counts(routing.ids_NK, E)
+        if cfg.balance_scope == "global" and self.count_reducer is not None:
+            counts_E = self.count_reducer(counts_E)
+        values["balance_loss"] = losses.switch_balance_loss(routing.probs_NE, counts_E, E)
         if cfg.aux_loss_coef > 0:
             total = total + cfg.aux_loss_coef * values["balance_loss"]
         if cfg.seq_aux_loss_coef > 0:

@@ -26,14 +26,17 @@ def expert_counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return expert_histogram(ids_NK, num_experts).float()
 
 
-def switch_balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def switch_balance_loss(probs_NE: torch.Tensor, counts_E: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
-    E * sum_i f_i * P_i, where f_i is the fraction of the N*K assignments sent to expert i and P_i
-    the mean router probability of expert i. It equals 1 when routing is uniform; only P carries
-    gradient (f comes from a discrete top-k).
+    E * sum_i f_i * P_i, where f_i is the fraction of the assignments sent to expert i (from
+    ``counts_E``, see :func:`expert_counts`) and P_i the mean router probability of expert i. It
+    equals 1 when routing is uniform; only P carries gradient (f comes from a discrete top-k).
+    The counts may cover more tokens than ``probs_NE`` (every data-parallel rank's micro-batch:
+    global-batch balancing, Qiu et al. 2025); averaging the loss over those ranks then gives the
+    loss of the whole batch.
     """
-    f_E = expert_counts(ids_NK, num_experts) / ids_NK.numel()       # (E,)
+    f_E = counts_E.float() / counts_E.sum().clamp_min(1)             # (E,)
     p_E = probs_NE.float().mean(dim=0)                               # (E,)
     return num_experts * (f_E * p_E).sum()
 

@@ -124,6 +124,8 @@ class Router(nn.Module):
             self.noise = nn.Parameter(torch.zeros(num_experts, d_model))
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("load_seen", torch.zeros(num_experts), persistent=False)
+        # False while activation checkpointing replays a forward: its tokens were counted once
+        self.count_load = True
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
         dtype = torch.float64 if x_ND.dtype == torch.float64 else torch.float32
@@ -134,19 +136,21 @@ class Router(nn.Module):
         # Decided from the config, not the buffer's values, so the hot path never syncs.
         use_bias = self.cfg.router == "sigmoid" or self.cfg.bias_update_rate > 0
         routing = route(logits_NE, self.cfg, self.expert_bias if use_bias else None)
-        if self.training and self.cfg.bias_update_rate > 0:
+        if self.training and self.cfg.bias_update_rate > 0 and self.count_load:
             with torch.no_grad():
                 self.load_seen += expert_histogram(routing.ids_NK, self.num_experts)
         return routing
 
     @torch.no_grad()
-    def update_bias(self) -> None:
+    def update_bias(self, count_reducer=None) -> None:
         """b_i += rate * sign(mean load - load_i) over the load seen since the last call
-        (DeepSeek-V3, section 2.1.2). Call once per optimiser step."""
+        (DeepSeek-V3, section 2.1.2). Call once per optimiser step. ``count_reducer`` sums the
+        load over data-parallel ranks, so that every rank applies the same update."""
         if self.cfg.bias_update_rate <= 0:
             return
+        load = self.load_seen if count_reducer is None else count_reducer(self.load_seen)
         # no "any load seen?" test: it would be a host sync per layer and step on CUDA, and with
         # no load the error is 0 everywhere, so sign(0) = 0 leaves the biases as they are
-        error = self.load_seen.mean() - self.load_seen
+        error = load.mean() - load
         self.expert_bias += self.cfg.bias_update_rate * torch.sign(error)
         self.load_seen.zero_()

@@ -114,13 +114,18 @@ def test_dropped_token_keeps_only_residual_and_stats_report_it():
 
 
 def test_switch_balance_and_z_loss_on_hand_computed_inputs():
-    from moelab.model.moe.losses import router_z_loss, sequence_balance_loss, switch_balance_loss
+    from moelab.model.moe.losses import (
+        expert_counts, router_z_loss, sequence_balance_loss, switch_balance_loss,
+    )
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
     ids = torch.tensor([[0], [1]])
     # f = [1/2, 1/2, 0], P = [0.4, 0.5, 0.1] -> 3 * (0.2 + 0.25) = 1.35
-    assert switch_balance_loss(probs, ids, 3).item() == pytest.approx(1.35)
+    assert switch_balance_loss(probs, expert_counts(ids, 3), 3).item() == pytest.approx(1.35)
+    # counts from a larger (global) batch: f = [1/4, 3/4, 0] -> 3 * (0.1 + 0.375) = 1.425
+    assert switch_balance_loss(probs, torch.tensor([1, 3, 0]), 3).item() == pytest.approx(1.425)
     uniform = torch.full((4, 4), 0.25)
-    assert switch_balance_loss(uniform, torch.tensor([[0], [1], [2], [3]]), 4).item() == pytest.approx(1.0)
+    ids4 = torch.tensor([[0], [1], [2], [3]])
+    assert switch_balance_loss(uniform, expert_counts(ids4, 4), 4).item() == pytest.approx(1.0)
     logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     # logsumexp = [log 2, 1 + log 2]
     expected = ((torch.log(torch.tensor(2.0))) ** 2 + (1 + torch.log(torch.tensor(2.0))) ** 2) / 2

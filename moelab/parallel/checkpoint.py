@@ -1,0 +1,121 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), stored as safetensors + JSON
+(DCP's Hugging Face storage layer), so nothing in a run folder is ever unpickled.
+
+    ckpt-00000100/model/sharded/shard-0000R-model-00001-of-00001.safetensors   one per rank
+    ckpt-00000100/optim/shard-0000R-model-00001-of-00001.safetensors           one per rank
+    ckpt-00000100/rng/rank-0000R.safetensors                                   per-rank RNG state
+    ckpt-00000100/trainer_state.json        step, tokens, time, optimiser param groups, layout
+
+Every rank writes its own shards into the checkpoint's temporary folder; rank 0 writes
+trainer_state.json last and renames the folder into place, so a checkpoint folder exists only
+once it is complete. Each tensor is stored under its fully qualified name with its global shape
+(DCP records each shard's offsets), so a checkpoint loads at any world size and expert-parallel
+degree, and also in one process without a process group. Rank 0 also consolidates the model
+shards into one ``model.safetensors`` of full tensors (the run folder's weights).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_DIR, OPTIM_DIR, RNG_DIR, SHARDED = "model", "optim", "rng", "sharded"
+CONSOLIDATED_FILE = "model-00001-of-00001.safetensors"
+
+
+def _state_dict_api():
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+    return get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+
+
+def flatten_optimizer(osd: dict) -> tuple[dict[str, Any], list[dict]]:
+    """DCP's FQN-keyed optimizer state {"state": {fqn: {k: v}}, "param_groups": [...]} as flat
+    tensors ``{fqn}/{k}`` plus the JSON-able param groups."""
+    flat = {f"{fqn}/{key}": value for fqn, slots in osd["state"].items() for key, value in slots.items()}
+    return flat, osd["param_groups"]
+
+
+def unflatten_optimizer(flat: dict[str, Any], param_groups: list[dict]) -> dict:
+    state: dict[str, dict] = {}
+    for name, value in flat.items():
+        fqn, key = name.rsplit("/", 1)
+        state.setdefault(fqn, {})[key] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+                 consolidate: bool = True) -> list[dict]:
+    """Every rank writes its shards of the model and optimizer into ``folder``; returns the
+    optimizer's param groups (JSON-able) for the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from safetensors.torch import save_file
+
+    get_msd, get_osd, _, _ = _state_dict_api()
+    dcp.save(get_msd(model), storage_writer=HuggingFaceStorageWriter(
+        str(folder / MODEL_DIR), save_distributed=True, enable_consolidation=consolidate))
+    flat, groups = flatten_optimizer(get_osd(model, optimizer))
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder / OPTIM_DIR), save_distributed=True))
+    (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
+    save_file(rng_tensors(), str(folder / RNG_DIR / f"rank-{rank:05d}.safetensors"))
+    return groups
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 param_groups: list[dict], rank: int) -> None:
+    """Fill ``model`` and ``optimizer`` (sharded or not, any layout) from a sharded checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from safetensors.torch import load_file
+
+    import torch.distributed as dist
+    get_msd, get_osd, set_msd, set_osd = _state_dict_api()
+    no_dist = not (dist.is_available() and dist.is_initialized())     # one process: no group
+    msd = get_msd(model)
+    flat, _ = flatten_optimizer(get_osd(model, optimizer))
+    with warnings.catch_warnings():      # DCP warns that one process means no process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(msd, storage_reader=HuggingFaceStorageReader(str(folder / MODEL_DIR / SHARDED)),
+                 no_dist=no_dist)
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(folder / OPTIM_DIR)), no_dist=no_dist)
+    set_msd(model, msd)
+    set_osd(model, optimizer, unflatten_optimizer(flat, param_groups))
+    rng_file = folder / RNG_DIR / f"rank-{rank:05d}.safetensors"
+    if not rng_file.is_file():                      # a different world size: rank 0's stream
+        rng_file = folder / RNG_DIR / "rank-00000.safetensors"
+    set_rng(load_file(str(rng_file)))
+
+
+def load_full_into(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                   optim_state: dict) -> None:
+    """Fill a (sharded) model and optimizer from full, unsharded tensors, as a one-process
+    checkpoint holds them: every rank keeps its own slice."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    _, _, set_msd, set_osd = _state_dict_api()
+    options = StateDictOptions(full_state_dict=True)
+    set_msd(model, weights, options=options)
+    set_osd(model, optimizer, optim_state, options=options)
+
+
+def sharded_files(folder: Path) -> list[Path]:
+    return sorted((folder / MODEL_DIR / SHARDED).glob("*.safetensors")) + \
+        sorted((folder / OPTIM_DIR).glob("*.safetensors"))
