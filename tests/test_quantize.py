@@ -3,8 +3,9 @@ loading straight into a dtype, and the errors for bad --dtype / --quantize.
 
 Agreement with float32 is checked on a small model trained on real text (three modules of the
 ``json`` package's source), because a random model's next-token logits are near ties everywhere
-and any rounding flips its arg-max. The tolerance: bf16 and int8 perturb the logits by about 0.5%
-of their norm (measured; the test allows 5%), so the arg-max can change only where float32's top-2
+and any rounding flips its arg-max. The tolerance: bf16 and int8 perturb a position's logits by
+about 0.5% of their norm (measured; the test allows a median of 2% and a tenth of the positions
+above 5%, since a token whose router scores nearly tie can change experts), so the arg-max can change only where float32's top-2
 margin is small. Along float32's own greedy continuation (teacher-forced, so every position sees
 the same prefix) every position whose float32 margin exceeds ``MARGIN`` logits (10x the typical
 largest change) must pick the same token; free-running bf16/int8 generation must equal float32's
@@ -87,8 +88,12 @@ def test_bf16_and_int8_agree_with_float32_greedy(trained, corpus, dtype, quantiz
     for prompt, ref_row, got_row in zip(prompts, ref, got):
         seq = prompt + ref_row
         ref_logits, low_logits = _teacher_forced(trained, seq), _teacher_forced(low, seq)
-        # the logits move by a small fraction of their size ...
-        assert (low_logits - ref_logits).norm() < 0.05 * ref_logits.norm()
+        # the logits move by a small fraction of their size at almost every position; where a
+        # token's router scores nearly tie, rounding can send it to another expert and move that
+        # position's logits by far more (a router's discontinuity, not an error: measured once at
+        # 30% of the norm, at one position of 28, when the other positions moved 0.2-1.5%)
+        moved = (low_logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)    # (T,)
+        assert moved.median() < 0.02 and (moved > 0.05).float().mean() <= 0.1, moved
         # ... so along float32's own continuation every confident choice is the same
         n = len(prompt) - 1
         top2 = ref_logits[n:n + len(ref_row)].topk(2, dim=-1).values
