@@ -438,6 +438,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "memory_bandwidth_bytes_per_s": round(bw),
         "memory_bandwidth_best_bytes_per_s": round(max(bandwidth)),
         "memory_bandwidth_samples": [round(b) for b in bandwidth],
+        "bf16_fraction_of_limit": moe.get("ours_bf16_fraction_of_limit"),   # the name
         "llamacpp_tokens_per_s": moe.get("llamacpp_bf16_tokens_per_s"),
         "llamacpp_int8_tokens_per_s": moe.get("llamacpp_q8_0_tokens_per_s"),
         "llamacpp_note": why_not,
