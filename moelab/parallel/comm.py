@@ -90,6 +90,12 @@ def _nbytes(t: torch.Tensor) -> int:
 # FSDP2: all-gather and reduce-scatter through FSDPModule.set_custom_all_gather / _reduce_scatter
 # ---------------------------------------------------------------------------------------------
 
+# torch 2.13 renamed the tensor collectives (the old names warn on every call); torch >= 2.9 has
+# only the old ones. Same signatures.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class MeteredAllGather(AllGather):
     def __init__(self, meter: CommMeter):
         self.meter = meter
@@ -101,8 +107,8 @@ class MeteredAllGather(AllGather):
         sent = _nbytes(input_tensor) * (dist.get_world_size(group) - 1)
         self.meter.record("fsdp", sent)
         with self.meter.timed("fsdp", input_tensor.device):
-            work = dist.all_gather_into_tensor(output_tensor, input_tensor, group=group,
-                                               async_op=async_op and input_tensor.is_cuda)
+            work = _all_gather_single(output_tensor, input_tensor, group=group,
+                                      async_op=async_op and input_tensor.is_cuda)
         return work
 
 
@@ -117,8 +123,8 @@ class MeteredReduceScatter(ReduceScatter):
         sent = _nbytes(output_tensor) * (dist.get_world_size(group) - 1)
         self.meter.record("fsdp", sent)
         with self.meter.timed("fsdp", input_tensor.device):
-            work = dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group,  # noqa
-                                              async_op=async_op and input_tensor.is_cuda)
+            work = _reduce_scatter_single(output_tensor, input_tensor, op=op, group=group,
+                                          async_op=async_op and input_tensor.is_cuda)
         return work
 
 
