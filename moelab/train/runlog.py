@@ -100,18 +100,26 @@ class RunLogger:
                 for key in ("alltoall_bytes", "alltoall_s", "fsdp_bytes", "fsdp_s"):
                     tb.add_scalar(f"comm/{key}", max(comm.get(key, [0])), loop.step)
 
-    def eval_record(self, loop, val_loss: float) -> None:
+    def eval_record(self, loop, val_loss: float, mlm_accuracy: Optional[float] = None) -> None:
+        """A validation record; a masked LM's also holds its masked-token accuracy."""
         import math
         ppl = math.exp(min(val_loss, 50.0))
         self._last_val = val_loss
-        self._append({"kind": "eval", "step": loop.step, "tokens": loop.tokens,
-                      "elapsed_s": loop.elapsed_s, "val_loss": val_loss, "val_ppl": ppl})
+        record = {"kind": "eval", "step": loop.step, "tokens": loop.tokens,
+                  "elapsed_s": loop.elapsed_s, "val_loss": val_loss, "val_ppl": ppl}
+        if mlm_accuracy is not None:
+            record["mlm_accuracy"] = mlm_accuracy
+        self._append(record)
         tb = self._writer()
         if tb:
             tb.add_scalar("val/loss", val_loss, loop.step)
             tb.add_scalar("val/perplexity", ppl, loop.step)
+            if mlm_accuracy is not None:
+                tb.add_scalar("val/mlm_accuracy", mlm_accuracy, loop.step)
         if not self.interactive:
-            self.info(f"step {loop.step:>6}  tokens {loop.tokens:>11,}  val loss {val_loss:.4f}  ppl {ppl:.2f}")
+            extra = f"  masked-token accuracy {mlm_accuracy:.4f}" if mlm_accuracy is not None else ""
+            self.info(f"step {loop.step:>6}  tokens {loop.tokens:>11,}  val loss {val_loss:.4f}  "
+                      f"ppl {ppl:.2f}{extra}")
 
     # ---- progress bar ------------------------------------------------------------------------------
     def start_progress(self, total_steps: int, done: int) -> None:

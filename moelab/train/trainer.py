@@ -117,14 +117,17 @@ class Scores:
 
 
 @torch.no_grad()
-def evaluate_scores(model: Transformer, batches, device: torch.device) -> Scores:
+def evaluate_scores(model: Transformer, batches, device: torch.device, runtime=None) -> Scores:
     """Loss and top-1 accuracy over the scored targets of fixed batches (for a masked LM: the
-    masked-token loss and accuracy). Reads the logits, so it costs more than ``evaluate``."""
+    masked-token loss and accuracy). Reads the logits, so it costs more than ``evaluate``. Under
+    torch.distributed each rank scores its rows and the sums are taken over every rank."""
     from moelab.model.linear_cross_entropy import IGNORE_INDEX
     was_training = model.training
     model.eval()
     loss_sum, correct, scored = 0.0, 0, 0
     for x, y in batches:
+        if runtime is not None:
+            x, y = runtime.local_rows(x), runtime.local_rows(y)
         x, y = x.to(device), y.to(device)
         with _autocast(device):
             logits = model(x).logits
@@ -134,7 +137,21 @@ def evaluate_scores(model: Transformer, batches, device: torch.device) -> Scores
         correct += int((logits_NV.argmax(dim=-1) == y_N).sum())
         scored += int(y_N.numel())
     model.train(was_training)
+    if runtime is not None:
+        loss_sum, correct, scored = runtime.sum_tensor(
+            torch.tensor([loss_sum, correct, scored], dtype=torch.float64)).tolist()
+        correct, scored = int(correct), int(scored)
     return Scores(loss_sum / max(1, scored), correct / max(1, scored), scored)
+
+
+def validate(model: Transformer, batches, device: torch.device, runtime, objective: str
+             ) -> tuple[float, Optional[float]]:
+    """The validation loss the run logs, and for a masked LM the masked-token accuracy from the
+    same pass: scored as ``moelab eval`` scores the run, so the two agree."""
+    if objective == "mlm":
+        scores = evaluate_scores(model, batches, device, runtime)
+        return scores.loss, scores.accuracy
+    return evaluate(model, batches, device, runtime), None
 
 
 def _first_nonfinite_module(model: Transformer, x: torch.Tensor, device) -> str:
@@ -265,7 +282,7 @@ def _train(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: 
                 + (f" x {layout.describe()}" if layout.distributed else ""))
 
     if loop.step == 0 and t_cfg.eval_every:
-        logger.eval_record(loop, evaluate(model, val, device, runtime))
+        logger.eval_record(loop, *validate(model, val, device, runtime, t_cfg.objective))
     logger.start_progress(budget.planned_steps, loop.step)
     throughput: list[float] = []
     interval_tokens, interval_time = 0, 0.0
@@ -338,8 +355,8 @@ def _train(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: 
                                     comm=runtime.comm_record())
             logger.advance(loop, loss_sum)
             if loop.step % t_cfg.eval_every == 0 or budget.done(loop):
-                last_val = evaluate(model, val, device, runtime)
-                logger.eval_record(loop, last_val)
+                last_val, accuracy = validate(model, val, device, runtime, t_cfg.objective)
+                logger.eval_record(loop, last_val, accuracy)
             if loop.step % t_cfg.save_every == 0 or budget.done(loop) or save_due or stop_now:
                 checkpointer.save(model, optimizer, loop)
                 last_save = time.monotonic()
@@ -353,7 +370,7 @@ def _train(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: 
     logger.stop_progress()
     peaks = runtime.per_rank(memory.stop())
     if last_val is None:
-        last_val = evaluate(model, val, device, runtime)
+        last_val, _ = validate(model, val, device, runtime, t_cfg.objective)
     summary = {
         "run_dir": str(run_dir),
         "steps": loop.step,

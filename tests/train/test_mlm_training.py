@@ -38,6 +38,9 @@ def test_mlm_loss_falls_and_eval_reports_masked_loss_and_accuracy(tmp_path, caps
     result = json.loads(capsys.readouterr().out)
     assert result["mlm_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     assert result["val_loss"] == result["mlm_loss"]
+    # the run logged the same masked-token accuracy at its last evaluation (metrics.jsonl)
+    last = [r for r in load_metrics(run) if r["kind"] == "eval"][-1]
+    assert last["mlm_accuracy"] == pytest.approx(result["mlm_accuracy"])
     assert result["masked_tokens"] == 2 * 8 * 10                  # round(0.15 * 64) per sequence
     # the accuracy is the share of masked positions whose top-1 prediction is the original token
     model = moelab.load(run)
