@@ -78,5 +78,8 @@ def run(args) -> int:
     print(f"memory (train, batch {batch} x {seq}, fp32 + AdamW): weights {_bytes(mem['weights'])}, "
           f"grads {_bytes(mem['gradients'])}, AdamW {_bytes(mem['adamw_states'])}, "
           f"activations ~{_bytes(mem['activations'])}, total ~{_bytes(mem['total'])}")
-    print(f"KV cache / token  {_bytes(info['kv_cache_bytes_per_token'])} (bf16)")
+    if m.causal:
+        print(f"KV cache / token  {_bytes(info['kv_cache_bytes_per_token'])} (bf16)")
+    else:
+        print("KV cache / token  none (an encoder, model.causal = false, does not decode)")
     return 0
