@@ -42,6 +42,7 @@ from moelab.compare.matching import match_models
 from moelab.compare.plan import budget_overrides
 from moelab.data import TokenBatches, prepare_data
 from moelab.model.transformer import Transformer
+from moelab.train.allocator import reuse_freed_memory
 from moelab.train.optim import build_optimizer, lr_at
 
 
@@ -105,7 +106,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="leave glibc's malloc as it is (the trainer keeps freed memory for reuse: "
+                        "moelab.train.allocator)")
     args = p.parse_args()
+    if not args.glibc_default:
+        reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -119,6 +125,7 @@ def main() -> None:
     env = environment()
     load = [round(x, 2) for x in os.getloadavg()]
     print(f"# {env['date']} torch {env['torch']} threads {env['threads']} {env['platform']}; "
+          f"glibc malloc {'as is' if args.glibc_default else 'keeping freed memory'}; "
           f"load average at start {load}", flush=True)
     for c in contenders:
         n = sum(p.numel() for p in c.model.parameters())

@@ -32,6 +32,7 @@ from moelab.train.checkpoint import (
     write_json,
 )
 from moelab.train.runlog import RunLogger
+from moelab.train.allocator import reuse_freed_memory
 from moelab.train.memory import PeakMemory
 from moelab.train.optim import build_optimizer, lr_at
 from moelab.train.state import (
@@ -195,6 +196,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, strict_resu
     cfg.validate_for_training()                      # before any file or data work
     layout = layout_from_env(cfg)                    # before any process-group work
     device = device_for(layout, cfg.train.device)
+    if device.type == "cpu":
+        reuse_freed_memory()                         # no fresh pages to fault in every step
     runtime = start_runtime(layout, device)
     try:
         with _run_folder_lock(Path(run_dir), runtime):

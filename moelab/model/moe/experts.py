@@ -12,10 +12,12 @@ The whole block (gather -> gate_up GEMM -> SwiGLU -> down GEMM -> weighted scatt
 memory-hungry here:
 - indexing ``w[e]`` per expert makes autograd build one full (E, ·, ·) zero gradient per expert;
 - autograd would save the gathered (M, D) rows, the (M, H) activation and the (M, D) expert
-  output. The function saves only the (M, 2H) gate/up pre-activation (as a dense SwiGLU does) and
-  the indices; in the backward it re-gathers rows from ``x``, recomputes silu, and gets the
-  routing-weight gradient as <dL/d(h w), h> instead of saving the expert output. (ScatterMoE,
-  Tan et al. 2024, likewise avoids materialising the gathered copy of the input.)
+  output. The function saves what a dense SwiGLU's autograd saves, the (M, 2H) gate/up
+  pre-activation and the (M, H) silu(gate), and the indices; in the backward it re-gathers rows
+  from ``x`` and gets the routing-weight gradient as <dL/d(h w), h> instead of saving the expert
+  output. (ScatterMoE, Tan et al. 2024, likewise avoids materialising the gathered copy of the
+  input.) Keeping silu(gate) rather than recomputing it saves the costliest elementwise pass of
+  the backward (an exp per element) for (M, H) floats of memory.
 
 Three GEMM engines run the per-expert products:
 - "grouped_mm" backend: ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm`` on torch
@@ -360,24 +362,31 @@ class RowMap:
         return acc
 
 
-def swiglu_forward(gate_up_R2H: torch.Tensor, weight_R: Optional[torch.Tensor]) -> torch.Tensor:
-    """silu(gate) * up [* weight]: (R, H)."""
+def swiglu_forward(gate_up_R2H: torch.Tensor, weight_R: Optional[torch.Tensor],
+                   silu_RH: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(gate) * up [* weight]: (R, H). silu(gate) is written into ``silu_RH`` when given (the
+    backward reads it there)."""
     H = gate_up_R2H.shape[1] // 2
-    h_RH = F.silu(gate_up_R2H[:, :H]).mul_(gate_up_R2H[:, H:])
+    gate, up = gate_up_R2H[:, :H], gate_up_R2H[:, H:]
+    if silu_RH is None:
+        h_RH = F.silu(gate).mul_(up)
+    else:
+        h_RH = torch.ops.aten.silu.out(gate, out=silu_RH) * up
     if weight_R is not None:
         h_RH.mul_(weight_R[:, None].to(h_RH.dtype))
     return h_RH
 
 
-def swiglu_backward(gate_up_R2H: torch.Tensor, dh_RH: torch.Tensor, weight_R: Optional[torch.Tensor]
+def swiglu_backward(gate_up_R2H: torch.Tensor, silu_RH: torch.Tensor, dh_RH: torch.Tensor,
+                    weight_R: Optional[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """The SwiGLU's elementwise backward, given dL/d(h w) from the down projection.
+    """The SwiGLU's elementwise backward, given dL/d(h w) from the down projection and the
+    forward's silu(gate).
 
     Returns (h * w, the down projection's input; dL/d(gate | up), (R, 2H); dL/dw, (R,) float32 or
-    None). ``dh_RH`` is overwritten."""
+    None). ``dh_RH`` is overwritten; ``silu_RH`` is not."""
     H = gate_up_R2H.shape[1] // 2
     gate, up = gate_up_R2H[:, :H], gate_up_R2H[:, H:]
-    silu_RH = F.silu(gate)
     h_RH = silu_RH * up
     grad_w_R = None
     if weight_R is not None:
@@ -388,8 +397,8 @@ def swiglu_backward(gate_up_R2H: torch.Tensor, dh_RH: torch.Tensor, weight_R: Op
         dh_RH.mul_(w_R1)
     dgate_up = torch.empty_like(gate_up_R2H)                                  # (R, 2H)
     torch.mul(dh_RH, silu_RH, out=dgate_up[:, H:])
-    torch.mul(dh_RH, up, out=silu_RH)                                          # reuse the buffer
-    torch.ops.aten.silu_backward(silu_RH, gate, grad_input=dgate_up[:, :H])
+    dh_RH.mul_(up)                                              # dL/dsilu, in dL/dh's buffer
+    torch.ops.aten.silu_backward(dh_RH, gate, grad_input=dgate_up[:, :H])
     return h_RH, dgate_up, grad_w_R
 
 
@@ -403,8 +412,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 num_rows: int) -> torch.Tensor:
         H = w_down.shape[2]
         grouped = bool(tiles) and tiles[0].offs is not None
-        # the only activation saved for the backward (a dense SwiGLU saves as much)
+        # the activations saved for the backward (a dense SwiGLU's autograd saves as much)
         gate_up_M2H = None if grouped else x.new_empty(num_rows, 2 * H)
+        silu_MH = x.new_empty(num_rows, H)
 
         def run(group: list[Tile]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
             acc, grouped_gate_up = rows.new_output(x, num_rows), None
@@ -419,7 +429,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 # the combine weight is applied before the (linear) down projection: one (R, H)
                 # multiply instead of an (R, D) one
                 w_R = None if weight_M is None else weight_M[tile.start:tile.end]
-                h_RH = swiglu_forward(gate_up, w_R)
+                h_RH = swiglu_forward(gate_up, w_R, silu_MH[tile.start:tile.end])
                 rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)  # (R, D)
             return acc, grouped_gate_up
 
@@ -430,14 +440,14 @@ class _GroupedSwiGLU(torch.autograd.Function):
             gate_up_M2H = results[0][1]
         if gate_up_M2H is None:                                   # no rows at all
             gate_up_M2H = x.new_empty(0, 2 * H)
-        ctx.save_for_backward(x, w_gate_up, w_down, weight_M, gate_up_M2H)
+        ctx.save_for_backward(x, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH)
         ctx.rows, ctx.tiles = rows, tiles
         return rows.finish(acc)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, w_gate_up, w_down, weight_M, gate_up_M2H = ctx.saved_tensors
+        x, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH = ctx.saved_tensors
         rows, tiles = ctx.rows, ctx.tiles
         H = w_down.shape[2]
         grad_out = grad_out.contiguous()
@@ -456,7 +466,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 dy_RD = rows.gather(grad_out, tile)                               # (R, D)
                 dh_RH = _rows_mm(dy_RD, w_down, tile, transpose=False)           # dL/d(h w)
                 w_R = None if weight_M is None else weight_M[tile.start:tile.end]
-                h_RH, dgate_up, grad_w_R = swiglu_backward(gate_up_M2H[tile.start:tile.end], dh_RH, w_R)
+                h_RH, dgate_up, grad_w_R = swiglu_backward(gate_up_M2H[tile.start:tile.end],
+                                                           silu_MH[tile.start:tile.end], dh_RH, w_R)
                 if grad_w_R is not None:
                     grad_weight[tile.start:tile.end] = grad_w_R
                 gw_down = _weights_mm(dy_RD, h_RH, tile, gw_down)                 # (E, D, H)
