@@ -60,3 +60,19 @@ def test_matching_that_cannot_be_reached_is_named():
         match_models(["dense", "moe"], [small, cfgs[1]], "total")
     with pytest.raises(ConfigError, match="--match"):
         match_models(["dense", "moe"], cfgs, "flops")
+
+
+def test_each_seed_starts_one_model_later(tmp_path):
+    """The unit order rotates the models per seed (and restarts per budget), so every model
+    takes every position in its seed once per three seeds."""
+    plan = build_plan(NAMES, [parse_budget("2k"), parse_budget("4k")], ["2k", "4k"], 4, "active",
+                      TINY, tmp_path, "test")
+    seeds = plan["seeds"]
+    order = [(u["budget"], u["seed"], u["model"]) for u in plan["units"]]
+    expected = []
+    for budget in ("2k", "4k"):
+        for i, seed in enumerate(seeds):
+            rotated = NAMES[i % 3:] + NAMES[:i % 3]
+            expected += [(budget, seed, m) for m in rotated]
+    assert order == expected
+    assert len({u["id"] for u in plan["units"]}) == 2 * 4 * 3
