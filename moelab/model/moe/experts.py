@@ -363,15 +363,11 @@ class RowMap:
 
 
 def swiglu_forward(gate_up_R2H: torch.Tensor, weight_R: Optional[torch.Tensor],
-                   silu_RH: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """silu(gate) * up [* weight]: (R, H). silu(gate) is written into ``silu_RH`` when given (the
-    backward reads it there)."""
+                   silu_RH: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up [* weight]: (R, H). silu(gate) is written into ``silu_RH``, where the
+    backward reads it."""
     H = gate_up_R2H.shape[1] // 2
-    gate, up = gate_up_R2H[:, :H], gate_up_R2H[:, H:]
-    if silu_RH is None:
-        h_RH = F.silu(gate).mul_(up)
-    else:
-        h_RH = torch.ops.aten.silu.out(gate, out=silu_RH) * up
+    h_RH = torch.ops.aten.silu.out(gate_up_R2H[:, :H], out=silu_RH) * gate_up_R2H[:, H:]
     if weight_R is not None:
         h_RH.mul_(weight_R[:, None].to(h_RH.dtype))
     return h_RH
