@@ -28,7 +28,7 @@ from moelab.compare.matching import MATCH_MODES, describe_matching, match_models
 from moelab.config import ConfigError
 
 DEFAULT_MODELS = ("dense", "moe", "hybrid")
-DEFAULT_BUDGET = "250k"    # per model and seed; why: docs/compare.md ("The default study")
+DEFAULT_BUDGET = "200k"    # per model and seed; why: docs/compare.md ("The default study")
 DEFAULT_SEEDS = 3
 DEFAULT_MATCH = "active"
 PLAN_FILE = "compare.json"
