@@ -155,15 +155,15 @@ def build_plan(models: list[str], budgets: list[Budget], budget_texts: list[str]
     for spec, name, cfg, sizing in zip(models, names, configs, sizings):
         entries.append({"name": name, "spec": spec, "overrides": sizing.overrides,
                         "sizing": sizing.public()})
-    trio = list(zip(models, configs, entries))
+    lineup = list(zip(models, configs, entries))
     for budget, text in zip(budgets, budget_texts):
         for i, seed in enumerate(seeds):
             # each seed starts with the next model: a machine's speed drifts over a study (the
             # default one measured a 1.6x slowdown between its first and second seeds), and
             # rotating the order gives every model every position, so no model is always the
             # one that runs after the others (wall times and tokens/s are compared per seed)
-            k = i % len(trio)
-            for spec, cfg, entry in trio[k:] + trio[:k]:
+            k = i % len(lineup)
+            for spec, cfg, entry in lineup[k:] + lineup[:k]:
                 extra = entry["overrides"] + budget_overrides(budget, cfg.train.batch_size, cfg.train.seq_len) \
                     + [f"train.seed={seed}"]
                 plan_layout(resolve_config(spec, overrides + extra).validate_for_training(), nproc)

@@ -8,7 +8,7 @@ page. That cost lands in whichever op touches the memory first and is largest fo
 whose gathered rows, gate/up activations and per-expert gradients are all fresh (M, ·) buffers.
 Measured on the default compare study's MoE layer (8 experts of 384, top-2, 1024 tokens, 2
 threads, AMD EPYC): the experts' SwiGLU backward took 10.6 ms with glibc's defaults and 5.4 ms
-with freed memory kept, and the expert GEMMs went from 58-81 to 80-102 GFLOP/s.
+with freed memory kept, and the expert GEMMs went from 58-81 to 80-128 GFLOP/s (benchmarks/RESULTS.md).
 
 The remedy is the one PyTorch's CPU performance guides give (a caching allocator such as jemalloc
 or tcmalloc, preloaded), done in-process with glibc's own knobs: serve blocks up to glibc's cap of
