@@ -14,9 +14,10 @@ routing, dispatch, router statistics, aux losses and an optimiser over more para
 One process trains every model, each from ``train.seed`` with its own optimiser, on the same real
 training batches (the built-in corpus, ``TokenBatches``), stepping as ``moelab.train.trainer``
 does at grad_accum=1 with compare's ``train.log_every=1``: forward with targets (the fused LM
-head + loss), loss + aux loss, the finite-loss check, backward, ``clip_grad_norm_``, AdamW step,
-router bias update, ``zero_grad``, and every step the router-statistics host reads the trainer
-logs (``RouterStats.summary`` and the per-expert load). Evaluation and checkpoints are left out.
+head + loss), loss + aux loss, the finite-loss check, backward, gradient clipping
+(``moelab.train.clip``), AdamW step, router bias update, ``zero_grad``, and every step the
+router-statistics host reads the trainer logs (``RouterStats.summary`` and the per-expert
+load). Evaluation and checkpoints are left out.
 
 Timing: ``--warmup`` untimed steps per model, then ``--blocks`` rounds, each running ``--steps``
 steps of every model with the order rotating per round, so a slow spell on a shared machine hits
@@ -43,6 +44,7 @@ from moelab.compare.plan import budget_overrides
 from moelab.data import TokenBatches, prepare_data
 from moelab.model.transformer import Transformer
 from moelab.train.allocator import reuse_freed_memory
+from moelab.train.clip import clip_grad_norm_
 from moelab.train.optim import build_optimizer, lr_at
 
 
@@ -85,7 +87,7 @@ def train_step(c: Contender, x: torch.Tensor, y: torch.Tensor) -> float:
     loss.backward()
     ce = out.loss.item()
     out.aux_loss.item()
-    float(torch.nn.utils.clip_grad_norm_(c.model.parameters(), t.grad_clip or float("inf")))
+    clip_grad_norm_(c.model.parameters(), t.grad_clip or float("inf"))
     c.optimizer.step()
     c.model.update_router_biases()
     c.optimizer.zero_grad(set_to_none=True)

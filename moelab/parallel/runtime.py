@@ -61,7 +61,8 @@ class SingleProcess:
         return t
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        from moelab.train.clip import clip_grad_norm_
+        return clip_grad_norm_(model.parameters(), max_norm)
 
     def comm_start_step(self) -> None:
         pass
