@@ -11,13 +11,14 @@ The whole block (gather -> gate_up GEMM -> SwiGLU -> down GEMM -> weighted scatt
 ``torch.autograd.Function`` with a hand-written backward, because plain autograd is both slow and
 memory-hungry here:
 - indexing ``w[e]`` per expert makes autograd build one full (E, ·, ·) zero gradient per expert;
-- autograd would also save the gathered (M, D) rows and build the weighted copies. The function
+- autograd would also keep the weighted intermediates and slice them per expert. The function
   saves what a dense SwiGLU's autograd saves, the (M, 2H) gate/up pre-activation, the (M, H)
   silu(gate) and the (M, H) product h, plus the (M, D) unweighted expert outputs z (for the
-  routing weight's gradient <dL/dy, z>), and the indices; in the backward it re-gathers rows from
-  ``x`` instead of keeping the gathered copy (ScatterMoE, Tan et al. 2024, likewise avoids
-  materialising it). Nothing elementwise is recomputed: the backward's only (R, H) passes are
-  the three of the SwiGLU's own derivative.
+  routing weight's gradient <dL/dy, z>), the (M, D) gathered rows (the experts' input, which a
+  dense layer's autograd keeps too) and the indices. Nothing is recomputed: the backward's only
+  (R, H) elementwise passes are the three of the SwiGLU's own derivative. This is the
+  activation memory ``moelab plan`` counts for a MoE layer (dispatched rows, gate/up, product,
+  outputs) plus silu(gate).
 
 Three GEMM engines run the per-expert products:
 - "grouped_mm" backend: ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm`` on torch
@@ -40,7 +41,7 @@ shapes break its 16-byte stride rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import weakref
@@ -110,6 +111,18 @@ class Tile:
     segments: list[tuple[int, int, int]]
     offs: Optional[torch.Tensor] = None
     experts: Optional[tuple[int, int]] = None   # padded engine: experts [e0, e1), equal rows each
+    sizes: list[int] = field(init=False)         # rows of each segment, in order
+    expert_ids: list[int] = field(init=False)    # expert of each segment
+
+    def __post_init__(self) -> None:
+        self.sizes = [t - s for _, s, t in self.segments]
+        self.expert_ids = [e for e, _, _ in self.segments]
+
+    def split(self, a_RX: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(expert, its rows of ``a_RX``) for the loop engine's segments, which are consecutive:
+        one ``split`` call makes every view (a Python slice per expert and GEMM costs about as
+        much as the GEMM's own dispatch at small expert sizes)."""
+        return list(zip(self.expert_ids, a_RX.split(self.sizes)))
 
 
 def loop_tiles(counts_E: torch.Tensor, rows: Optional[int] = None) -> list[Tile]:
@@ -200,8 +213,9 @@ def _rows_mm(a_RX: torch.Tensor, w_EYX: torch.Tensor, tile: Tile, transpose: boo
         e0, e1 = tile.experts
         torch.bmm(a_RX.view(e1 - e0, -1, a_RX.shape[1]), w[e0:e1], out=out.view(e1 - e0, -1, w.shape[2]))
         return out
-    for e, s, t in tile.segments:
-        torch.mm(a_RX[s:t], w[e], out=out[s:t])
+    per_expert = w.unbind(0)
+    for (e, a), o in zip(tile.split(a_RX), out.split(tile.sizes)):
+        torch.mm(a, per_expert[e], out=o)
     return out
 
 
@@ -221,8 +235,9 @@ def _weights_mm(a_RY: torch.Tensor, b_RX: torch.Tensor, tile: Tile,
         torch.bmm(a_RY.view(e1 - e0, -1, a_RY.shape[1]).transpose(1, 2),
                   b_RX.view(e1 - e0, -1, b_RX.shape[1]), out=out_EYX[e0:e1])
         return out_EYX
-    for e, s, t in tile.segments:
-        torch.mm(a_RY[s:t].t(), b_RX[s:t], out=out_EYX[e])
+    per_expert = out_EYX.unbind(0)
+    for (e, a), b in zip(tile.split(a_RY), b_RX.split(tile.sizes)):
+        torch.mm(a.t(), b, out=per_expert[e])
     return out_EYX
 
 
@@ -328,11 +343,12 @@ class RowMap:
     # ``finish`` drops); None = back to ``source_M``
     target_M: Optional[torch.Tensor] = None
 
-    def gather(self, x: torch.Tensor, tile: Tile) -> torch.Tensor:
-        """Rows of the tile: (R, D), a copy when fused, a view otherwise."""
+    def gather(self, x: torch.Tensor, tile: Tile, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows of the tile: (R, D), a copy when fused (into ``out`` when given), a view
+        otherwise."""
         if self.source_M is None:
             return x[tile.start:tile.end]
-        return x.index_select(0, self.source_M[tile.start:tile.end])
+        return torch.index_select(x, 0, self.source_M[tile.start:tile.end], out=out)
 
     def new_output(self, like: torch.Tensor, num_rows: int) -> torch.Tensor:
         """Accumulator: zeroed (N, D) or (N*K, D) slots (tokens or slots may get no row), or
@@ -408,18 +424,22 @@ class _GroupedSwiGLU(torch.autograd.Function):
         gate_up_M2H = None if grouped else x.new_empty(num_rows, 2 * H)
         silu_MH, h_MH = x.new_empty(num_rows, H), x.new_empty(num_rows, H)
         z_MD = x.new_empty(num_rows, D) if weight_M is not None and not grouped else None
+        # the gathered rows, which the weight gradient needs again (when fused; unfused they
+        # are a view of x)
+        fused = rows.source_M is not None
+        x_MD = x.new_empty(num_rows, D) if fused and not grouped else None
 
-        def run(group: list[Tile]) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-            acc, grouped_gate_up, grouped_z = rows.new_output(x, num_rows), None, None
+        def run(group: list[Tile]) -> tuple[torch.Tensor, ...]:
+            acc, grouped_gate_up, grouped_z, grouped_x = rows.new_output(x, num_rows), None, None, None
             for tile in group:
                 s, t = tile.start, tile.end
-                x_RD = rows.gather(x, tile)
+                x_RD = rows.gather(x, tile, out=None if x_MD is None else x_MD[s:t])
                 if grouped:
+                    grouped_x = x_RD
                     gate_up = grouped_gate_up = _rows_mm(x_RD, w_gate_up, tile, transpose=True)
                 else:
                     gate_up = _rows_mm(x_RD, w_gate_up, tile, transpose=True,
                                        out=gate_up_M2H[s:t])                  # (R, 2H)
-                del x_RD
                 h_RH = swiglu_forward(gate_up, silu_MH[s:t], h_MH[s:t])
                 if weight_M is None:
                     rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)  # (R, D)
@@ -428,23 +448,23 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 if grouped:
                     grouped_z = z_RD                                  # the one tile: all rows
                 rows.scatter(acc, z_RD * _row_weights(weight_M[s:t], z_RD.dtype), tile)
-            return acc, grouped_gate_up, grouped_z
+            return acc, grouped_gate_up, grouped_z, grouped_x
 
         groups = thread_groups(tiles, x, H) if rows.source_M is not None else [tiles]
         results = run_groups(run, groups)
         acc = _sum_in_order([r[0] for r in results])
         if grouped:
-            gate_up_M2H, z_MD = results[0][1], results[0][2]
+            gate_up_M2H, z_MD, x_MD = results[0][1], results[0][2], (results[0][3] if fused else None)
         if gate_up_M2H is None:                                   # no rows at all
             gate_up_M2H = x.new_empty(0, 2 * H)
-        ctx.save_for_backward(x, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH, h_MH, z_MD)
+        ctx.save_for_backward(x, x_MD, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH, h_MH, z_MD)
         ctx.rows, ctx.tiles = rows, tiles
         return rows.finish(acc)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH, h_MH, z_MD = ctx.saved_tensors
+        x, x_MD, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH, h_MH, z_MD = ctx.saved_tensors
         rows, tiles = ctx.rows, ctx.tiles
         H = w_down.shape[2]
         grad_out = grad_out.contiguous()
@@ -474,7 +494,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 del dy_RD                                     # free before the next (R, ·) buffers
                 dgate_up = swiglu_backward(gate_up_M2H[s:t], silu_MH[s:t], dh_RH)
                 del dh_RH
-                gw_gate_up = _weights_mm(dgate_up, rows.gather(x, tile), tile, gw_gate_up)  # (E, 2H, D)
+                x_RD = rows.gather(x, tile) if x_MD is None else x_MD[s:t]
+                gw_gate_up = _weights_mm(dgate_up, x_RD, tile, gw_gate_up)        # (E, 2H, D)
                 if grad_x is not None:
                     rows.scatter(grad_x, _rows_mm(dgate_up, w_gate_up, tile, transpose=False), tile)
             return grad_x, gw_gate_up, gw_down
