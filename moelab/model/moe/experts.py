@@ -11,14 +11,13 @@ The whole block (gather -> gate_up GEMM -> SwiGLU -> down GEMM -> weighted scatt
 ``torch.autograd.Function`` with a hand-written backward, because plain autograd is both slow and
 memory-hungry here:
 - indexing ``w[e]`` per expert makes autograd build one full (E, ·, ·) zero gradient per expert;
-- autograd would also keep the weighted intermediates and slice them per expert. The function
-  saves what a dense SwiGLU's autograd saves, the (M, 2H) gate/up pre-activation, the (M, H)
-  silu(gate) and the (M, H) product h, plus the (M, D) unweighted expert outputs z (for the
-  routing weight's gradient <dL/dy, z>), the (M, D) gathered rows (the experts' input, which a
-  dense layer's autograd keeps too) and the indices. Nothing is recomputed: the backward's only
-  (R, H) elementwise passes are the three of the SwiGLU's own derivative. This is the
-  activation memory ``moelab plan`` counts for a MoE layer (dispatched rows, gate/up, product,
-  outputs) plus silu(gate).
+- autograd would save the gathered (M, D) rows, the (M, H) activation and the (M, D) expert
+  output. The function saves what a dense SwiGLU's autograd saves, the (M, 2H) gate/up
+  pre-activation and the (M, H) silu(gate), and the indices; in the backward it re-gathers rows
+  from ``x`` and gets the routing-weight gradient as <dL/d(h w), h> instead of saving the expert
+  output. (ScatterMoE, Tan et al. 2024, likewise avoids materialising the gathered copy of the
+  input.) Keeping silu(gate) rather than recomputing it saves the costliest elementwise pass of
+  the backward (an exp per element) for (M, H) floats of memory.
 
 Three GEMM engines run the per-expert products:
 - "grouped_mm" backend: ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm`` on torch
@@ -41,7 +40,7 @@ shapes break its 16-byte stride rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import weakref
@@ -111,18 +110,6 @@ class Tile:
     segments: list[tuple[int, int, int]]
     offs: Optional[torch.Tensor] = None
     experts: Optional[tuple[int, int]] = None   # padded engine: experts [e0, e1), equal rows each
-    sizes: list[int] = field(init=False)         # rows of each segment, in order
-    expert_ids: list[int] = field(init=False)    # expert of each segment
-
-    def __post_init__(self) -> None:
-        self.sizes = [t - s for _, s, t in self.segments]
-        self.expert_ids = [e for e, _, _ in self.segments]
-
-    def split(self, a_RX: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """(expert, its rows of ``a_RX``) for the loop engine's segments, which are consecutive:
-        one ``split`` call makes every view (a Python slice per expert and GEMM costs about as
-        much as the GEMM's own dispatch at small expert sizes)."""
-        return list(zip(self.expert_ids, a_RX.split(self.sizes)))
 
 
 def loop_tiles(counts_E: torch.Tensor, rows: Optional[int] = None) -> list[Tile]:
@@ -213,9 +200,8 @@ def _rows_mm(a_RX: torch.Tensor, w_EYX: torch.Tensor, tile: Tile, transpose: boo
         e0, e1 = tile.experts
         torch.bmm(a_RX.view(e1 - e0, -1, a_RX.shape[1]), w[e0:e1], out=out.view(e1 - e0, -1, w.shape[2]))
         return out
-    per_expert = w.unbind(0)
-    for (e, a), o in zip(tile.split(a_RX), out.split(tile.sizes)):
-        torch.mm(a, per_expert[e], out=o)
+    for e, s, t in tile.segments:
+        torch.mm(a_RX[s:t], w[e], out=out[s:t])
     return out
 
 
@@ -235,9 +221,8 @@ def _weights_mm(a_RY: torch.Tensor, b_RX: torch.Tensor, tile: Tile,
         torch.bmm(a_RY.view(e1 - e0, -1, a_RY.shape[1]).transpose(1, 2),
                   b_RX.view(e1 - e0, -1, b_RX.shape[1]), out=out_EYX[e0:e1])
         return out_EYX
-    per_expert = out_EYX.unbind(0)
-    for (e, a), b in zip(tile.split(a_RY), b_RX.split(tile.sizes)):
-        torch.mm(a.t(), b, out=per_expert[e])
+    for e, s, t in tile.segments:
+        torch.mm(a_RY[s:t].t(), b_RX[s:t], out=out_EYX[e])
     return out_EYX
 
 
@@ -343,12 +328,11 @@ class RowMap:
     # ``finish`` drops); None = back to ``source_M``
     target_M: Optional[torch.Tensor] = None
 
-    def gather(self, x: torch.Tensor, tile: Tile, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Rows of the tile: (R, D), a copy when fused (into ``out`` when given), a view
-        otherwise."""
+    def gather(self, x: torch.Tensor, tile: Tile) -> torch.Tensor:
+        """Rows of the tile: (R, D), a copy when fused, a view otherwise."""
         if self.source_M is None:
             return x[tile.start:tile.end]
-        return torch.index_select(x, 0, self.source_M[tile.start:tile.end], out=out)
+        return x.index_select(0, self.source_M[tile.start:tile.end])
 
     def new_output(self, like: torch.Tensor, num_rows: int) -> torch.Tensor:
         """Accumulator: zeroed (N, D) or (N*K, D) slots (tokens or slots may get no row), or
@@ -378,93 +362,88 @@ class RowMap:
         return acc
 
 
-def swiglu_forward(gate_up_R2H: torch.Tensor, silu_RH: torch.Tensor, h_RH: torch.Tensor) -> torch.Tensor:
-    """h = silu(gate) * up, (R, H), written into ``h_RH``; silu(gate) is written into ``silu_RH``.
-    Both are kept for the backward."""
+def swiglu_forward(gate_up_R2H: torch.Tensor, weight_R: Optional[torch.Tensor],
+                   silu_RH: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up [* weight]: (R, H). silu(gate) is written into ``silu_RH``, where the
+    backward reads it."""
     H = gate_up_R2H.shape[1] // 2
-    torch.ops.aten.silu.out(gate_up_R2H[:, :H], out=silu_RH)
-    return torch.mul(silu_RH, gate_up_R2H[:, H:], out=h_RH)
+    h_RH = torch.ops.aten.silu.out(gate_up_R2H[:, :H], out=silu_RH) * gate_up_R2H[:, H:]
+    if weight_R is not None:
+        h_RH.mul_(weight_R[:, None].to(h_RH.dtype))
+    return h_RH
 
 
-def swiglu_backward(gate_up_R2H: torch.Tensor, silu_RH: torch.Tensor, dh_RH: torch.Tensor) -> torch.Tensor:
-    """The SwiGLU's elementwise backward: dL/d(gate | up), (R, 2H), from dL/dh and the forward's
-    gate/up pre-activation and silu(gate). ``dh_RH`` is overwritten."""
+def swiglu_backward(gate_up_R2H: torch.Tensor, silu_RH: torch.Tensor, dh_RH: torch.Tensor,
+                    weight_R: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The SwiGLU's elementwise backward, given dL/d(h w) from the down projection and the
+    forward's silu(gate).
+
+    Returns (h * w, the down projection's input; dL/d(gate | up), (R, 2H); dL/dw, (R,) float32 or
+    None). ``dh_RH`` is overwritten; ``silu_RH`` is not."""
     H = gate_up_R2H.shape[1] // 2
     gate, up = gate_up_R2H[:, :H], gate_up_R2H[:, H:]
+    h_RH = silu_RH * up
+    grad_w_R = None
+    if weight_R is not None:
+        w_R1 = weight_R[:, None].to(h_RH.dtype)
+        grad_w_R = (torch.linalg.vecdot(dh_RH, h_RH) if h_RH.dtype == weight_R.dtype
+                    else (dh_RH * h_RH).sum(-1, dtype=weight_R.dtype))
+        h_RH.mul_(w_R1)
+        dh_RH.mul_(w_R1)
     dgate_up = torch.empty_like(gate_up_R2H)                                  # (R, 2H)
     torch.mul(dh_RH, silu_RH, out=dgate_up[:, H:])
     dh_RH.mul_(up)                                              # dL/dsilu, in dL/dh's buffer
     torch.ops.aten.silu_backward(dh_RH, gate, grad_input=dgate_up[:, :H])
-    return dgate_up
-
-
-def _row_weights(weight_R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight_R[:, None].to(dtype)                                        # (R, 1)
+    return h_RH, dgate_up, grad_w_R
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
     """y = combine(weight * down(silu(gate(x)) * up(x))) over expert-sorted rows; see the module
-    docstring for what is saved and recomputed.
-
-    The combine weight multiplies the (R, D) expert output, not the (R, H) product: D <= H in
-    every preset, and keeping the unweighted output z = down(h) makes the weight's gradient
-    <dL/dy, z> (a pass over D) and lets the backward scale dL/dy once, so that the down
-    projection's input and weight gradients come out already weighted. Measured against
-    weighting h: three fewer (R, H) elementwise passes per tile (benchmarks/RESULTS.md)."""
+    docstring for what is saved and recomputed."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 weight_M: Optional[torch.Tensor], rows: RowMap, tiles: list[Tile],
                 num_rows: int) -> torch.Tensor:
-        H, D = w_down.shape[2], w_down.shape[1]
+        H = w_down.shape[2]
         grouped = bool(tiles) and tiles[0].offs is not None
-        # the activations saved for the backward (a dense SwiGLU's autograd saves as much: its
-        # gate/up, silu(gate) and the product h; z, the expert outputs before weighting, only
-        # when there is a weight)
+        # the activations saved for the backward (a dense SwiGLU's autograd saves as much)
         gate_up_M2H = None if grouped else x.new_empty(num_rows, 2 * H)
-        silu_MH, h_MH = x.new_empty(num_rows, H), x.new_empty(num_rows, H)
-        z_MD = x.new_empty(num_rows, D) if weight_M is not None and not grouped else None
-        # the gathered rows, which the weight gradient needs again (when fused; unfused they
-        # are a view of x)
-        fused = rows.source_M is not None
-        x_MD = x.new_empty(num_rows, D) if fused and not grouped else None
+        silu_MH = x.new_empty(num_rows, H)
 
-        def run(group: list[Tile]) -> tuple[torch.Tensor, ...]:
-            acc, grouped_gate_up, grouped_z, grouped_x = rows.new_output(x, num_rows), None, None, None
+        def run(group: list[Tile]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            acc, grouped_gate_up = rows.new_output(x, num_rows), None
             for tile in group:
-                s, t = tile.start, tile.end
-                x_RD = rows.gather(x, tile, out=None if x_MD is None else x_MD[s:t])
+                x_RD = rows.gather(x, tile)
                 if grouped:
-                    grouped_x = x_RD
                     gate_up = grouped_gate_up = _rows_mm(x_RD, w_gate_up, tile, transpose=True)
                 else:
                     gate_up = _rows_mm(x_RD, w_gate_up, tile, transpose=True,
-                                       out=gate_up_M2H[s:t])                  # (R, 2H)
-                h_RH = swiglu_forward(gate_up, silu_MH[s:t], h_MH[s:t])
-                if weight_M is None:
-                    rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)  # (R, D)
-                    continue
-                z_RD = _rows_mm(h_RH, w_down, tile, transpose=True, out=None if grouped else z_MD[s:t])
-                if grouped:
-                    grouped_z = z_RD                                  # the one tile: all rows
-                rows.scatter(acc, z_RD * _row_weights(weight_M[s:t], z_RD.dtype), tile)
-            return acc, grouped_gate_up, grouped_z, grouped_x
+                                       out=gate_up_M2H[tile.start:tile.end])  # (R, 2H)
+                del x_RD
+                # the combine weight is applied before the (linear) down projection: one (R, H)
+                # multiply instead of an (R, D) one
+                w_R = None if weight_M is None else weight_M[tile.start:tile.end]
+                h_RH = swiglu_forward(gate_up, w_R, silu_MH[tile.start:tile.end])
+                rows.scatter(acc, _rows_mm(h_RH, w_down, tile, transpose=True), tile)  # (R, D)
+            return acc, grouped_gate_up
 
         groups = thread_groups(tiles, x, H) if rows.source_M is not None else [tiles]
         results = run_groups(run, groups)
-        acc = _sum_in_order([r[0] for r in results])
+        acc = _sum_in_order([a for a, _ in results])
         if grouped:
-            gate_up_M2H, z_MD, x_MD = results[0][1], results[0][2], (results[0][3] if fused else None)
+            gate_up_M2H = results[0][1]
         if gate_up_M2H is None:                                   # no rows at all
             gate_up_M2H = x.new_empty(0, 2 * H)
-        ctx.save_for_backward(x, x_MD, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH, h_MH, z_MD)
+        ctx.save_for_backward(x, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH)
         ctx.rows, ctx.tiles = rows, tiles
         return rows.finish(acc)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, x_MD, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH, h_MH, z_MD = ctx.saved_tensors
+        x, w_gate_up, w_down, weight_M, gate_up_M2H, silu_MH = ctx.saved_tensors
         rows, tiles = ctx.rows, ctx.tiles
         H = w_down.shape[2]
         grad_out = grad_out.contiguous()
@@ -480,22 +459,16 @@ class _GroupedSwiGLU(torch.autograd.Function):
             gw_gate_up, gw_down = grad_w_gate_up, grad_w_down
             grad_x = rows.new_output(x, gate_up_M2H.shape[0]) if ctx.needs_input_grad[0] else None
             for tile in group:
-                s, t = tile.start, tile.end
                 dy_RD = rows.gather(grad_out, tile)                               # (R, D)
-                if weight_M is not None:
-                    z_RD = z_MD[s:t]
-                    grad_weight[s:t] = (torch.linalg.vecdot(dy_RD, z_RD) if z_RD.dtype == weight_M.dtype
-                                        else (dy_RD * z_RD).sum(-1, dtype=weight_M.dtype))
-                    # dL/dz = w dL/dy, in place when the gathered rows are this tile's own copy
-                    w_R1 = _row_weights(weight_M[s:t], dy_RD.dtype)
-                    dy_RD = dy_RD.mul_(w_R1) if rows.source_M is not None else dy_RD * w_R1
-                dh_RH = _rows_mm(dy_RD, w_down, tile, transpose=False)            # dL/dh
-                gw_down = _weights_mm(dy_RD, h_MH[s:t], tile, gw_down)            # (E, D, H)
-                del dy_RD                                     # free before the next (R, ·) buffers
-                dgate_up = swiglu_backward(gate_up_M2H[s:t], silu_MH[s:t], dh_RH)
-                del dh_RH
-                x_RD = rows.gather(x, tile) if x_MD is None else x_MD[s:t]
-                gw_gate_up = _weights_mm(dgate_up, x_RD, tile, gw_gate_up)        # (E, 2H, D)
+                dh_RH = _rows_mm(dy_RD, w_down, tile, transpose=False)           # dL/d(h w)
+                w_R = None if weight_M is None else weight_M[tile.start:tile.end]
+                h_RH, dgate_up, grad_w_R = swiglu_backward(gate_up_M2H[tile.start:tile.end],
+                                                           silu_MH[tile.start:tile.end], dh_RH, w_R)
+                if grad_w_R is not None:
+                    grad_weight[tile.start:tile.end] = grad_w_R
+                gw_down = _weights_mm(dy_RD, h_RH, tile, gw_down)                 # (E, D, H)
+                del h_RH, dy_RD, dh_RH                        # free before the next (R, D) buffers
+                gw_gate_up = _weights_mm(dgate_up, rows.gather(x, tile), tile, gw_gate_up)  # (E, 2H, D)
                 if grad_x is not None:
                     rows.scatter(grad_x, _rows_mm(dgate_up, w_gate_up, tile, transpose=False), tile)
             return grad_x, gw_gate_up, gw_down
