@@ -114,12 +114,14 @@ def adamw_step(model: torch.nn.Module) -> Callable[[], None]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every model, as in compare_throughput.py")
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args()
     reuse_freed_memory()
 
     names = list(DEFAULT_MODELS)
-    contenders, cfg = build_contenders(names, [], DEFAULT_MATCH)
+    contenders, cfg = build_contenders(names, args.overrides, DEFAULT_MATCH)
     data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda _m: None)
     t = contenders[0].train_cfg
     batches = TokenBatches(data.train_tokens, t.batch_size, t.seq_len, t.seed)
