@@ -20,15 +20,19 @@ import torch
 
 
 def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm over all ``grads`` as a 0-d float32 tensor (inf or nan when any gradient is)."""
+    """L2 norm over all ``grads`` as a 0-d tensor (inf or nan when any gradient is). On CPU, a
+    BLAS dot per tensor (float64 sums of the per-tensor squares); elsewhere torch's fused
+    per-device norm (one kernel for all tensors instead of one per tensor)."""
     if not grads:
         return torch.zeros(())
+    if grads[0].device.type != "cpu":
+        return torch.nn.utils.get_total_norm(grads, 2.0)
     squares = []
     for g in grads:
         flat = g.reshape(-1)
-        if flat.dtype != torch.float32:                 # BLAS dot is fp32/fp64; others upcast
+        if flat.dtype not in (torch.float32, torch.float64):   # BLAS dot: fp32/fp64 only
             flat = flat.float()
-        squares.append(torch.dot(flat, flat))
+        squares.append(torch.dot(flat, flat).double())
     return torch.stack(squares).sum().sqrt()
 
 

@@ -53,3 +53,11 @@ def test_bf16_gradients_and_non_finite_norms():
     assert math.isnan(clip_grad_norm_(bad, 1.0))
     assert torch.equal(before, bad[1].grad)                       # not scaled by a nan factor
     assert clip_grad_norm_([], 1.0) == 0.0
+
+
+def test_float64_gradients_keep_their_precision():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    p.grad = torch.tensor([1.0, 1e-4, 0.0], dtype=torch.float64)
+    norm = clip_grad_norm_([p], 10.0)
+    assert norm != 1.0                                   # what a float32 sum would give
+    assert norm == pytest.approx(math.sqrt(1.0 + 1e-8), rel=1e-14)
