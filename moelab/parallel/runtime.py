@@ -25,6 +25,7 @@ from torch import nn
 
 from moelab.config import ConfigError
 from moelab.parallel.layout import Layout
+from moelab.train.clip import clip_grad_norm_
 
 
 class SingleProcess:
@@ -61,7 +62,6 @@ class SingleProcess:
         return t
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        from moelab.train.clip import clip_grad_norm_
         return clip_grad_norm_(model.parameters(), max_norm)
 
     def comm_start_step(self) -> None:

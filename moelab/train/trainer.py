@@ -27,12 +27,12 @@ from moelab.model.transformer import Transformer
 from moelab.lock import FolderLock, FolderLockedError
 from moelab.parallel.layout import device_for, layout_from_env
 from moelab.parallel.runtime import start as start_runtime
+from moelab.train.allocator import reuse_freed_memory
 from moelab.train.checkpoint import (
     METRICS_FILE, TOKENIZER_FILE, CheckpointError, atomic_write, load_model, read_config,
     write_json,
 )
 from moelab.train.runlog import RunLogger
-from moelab.train.allocator import reuse_freed_memory
 from moelab.train.memory import PeakMemory
 from moelab.train.optim import build_optimizer, lr_at
 from moelab.train.state import (
