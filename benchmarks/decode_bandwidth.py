@@ -57,7 +57,8 @@ from decode import _cpu_name  # noqa: E402
 import moelab  # noqa: E402
 from moelab.accounting import param_counts  # noqa: E402
 from moelab.generate import generate  # noqa: E402
-from moelab.quantize import build, prepare, weight_bytes  # noqa: E402
+from moelab.model.weights import build_on_meta, materialize  # noqa: E402
+from moelab.quantize import prepare, weight_bytes  # noqa: E402
 
 SIZES = {
     # OLMoE-1B-7B is 16 layers x 2048, 64 experts of hidden 1024, top-8: 6.9B total, 1.3B active
@@ -276,7 +277,7 @@ def measure_model(cfg, family: str, args, device, bandwidth: list[float], notes:
                   with_llamacpp: bool) -> dict:
     """Ours bf16 and int8, HF bf16 and llama.cpp (MoE only) on one model; returns its results."""
     torch.manual_seed(args.seed)
-    model = build(cfg, torch.bfloat16, device)
+    model = materialize(build_on_meta(cfg), device, torch.bfloat16).eval()
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
     read = read_params(cfg)
     result = {"total_params": param_counts(cfg)["total"], "active_params": param_counts(cfg)["active"],
@@ -335,7 +336,7 @@ def experts_scaling(s: dict, args, device, bandwidth: list[float]) -> dict:
     for mult in (1, 4):
         cfg = moe_config(s, layers=s["scaling_layers"], experts=mult * s["experts"])
         torch.manual_seed(args.seed)
-        model = build(cfg, torch.bfloat16, device)
+        model = materialize(build_on_meta(cfg), device, torch.bfloat16).eval()
         prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
         runners.append(Runner(f"experts_{mult * s['experts']}", ours(model, prompt, args.compile)))
         keep.append((cfg, model))

@@ -26,6 +26,20 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the field."""
 
 
+class OptionError(ConfigError):
+    """A bad keyword option of a function (generation, weight formats). ``option`` is its keyword
+    name; the CLI shows it as a flag (``top_p`` -> ``--top-p``)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+    def for_cli(self) -> str:
+        flag = "--" + self.option.replace("_", "-")
+        text = str(self)
+        return flag + text[len(self.option):] if text.startswith(self.option) else f"{flag}: {text}"
+
+
 RouterKind = Literal["softmax", "noisy", "sigmoid"]
 GroupScore = Literal["max", "top2"]
 AttentionKind = Literal["gqa", "mla"]

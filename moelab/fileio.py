@@ -7,11 +7,12 @@ Windows). A run killed half way through a write leaves the previous file, never 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 
 def fsync_dir(folder: Path) -> None:
@@ -65,3 +66,19 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_output(path) as f:
         f.write(text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``tensors`` (detached, contiguous, on the CPU), written atomically.
+    A failed write (a full disk) raises OSError naming the file, as other writes do."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+    except SafetensorError as e:
+        raise OSError(None, str(e), str(path)) from None

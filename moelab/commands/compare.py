@@ -91,7 +91,7 @@ def run(args) -> int:
     from moelab.compare.report import build_report, print_tables
     from moelab.compare.run import CompareStopped, run_units
     from moelab.lock import FolderLock, FolderLockedError
-    from moelab.train.stop import EXIT_STOPPED
+    from moelab.stop import EXIT_STOPPED
 
     if args.resume:
         given = _plan_options_given(args)

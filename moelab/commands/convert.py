@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moelab.commands import raise_user
     from moelab.interop import InteropError, export_hf, import_hf
-    from moelab.interop.hf import parse_size
+    from moelab.interop.folders import parse_size
     try:
         if args.from_hf:
             if args.family:

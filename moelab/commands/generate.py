@@ -42,24 +42,22 @@ def add_parser(sub) -> None:
 
 
 def _load(args):
-    """Model and tokenizer of the run folder; every failure names what is wrong."""
-    from tokenizers import Tokenizer
-
-    from moelab.generate import GenerationError
-    from moelab.quantize import load
-    from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError
+    """Model and tokenizer of the run folder (or HF folder / Hub id); every failure names what is
+    wrong."""
+    from moelab.config import OptionError
+    from moelab.runfolder import TOKENIZER_FILE, CheckpointError, load
     try:
-        model = load(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        model = load(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                     note=lambda m: print(f"note: {m}", file=sys.stderr))
     except CheckpointError as e:
         raise_user(f"RUN: {e}")
-    except GenerationError as e:   # e.g. --quantize without torchao
+    except OptionError as e:   # a bad --dtype, or --quantize without torchao
         raise_user(e.for_cli())
     except RuntimeError as e:   # e.g. an unavailable device
         raise_user(f"--device {args.device}: {e}")
-    tok_path = Path(args.run) / TOKENIZER_FILE
-    if not tok_path.is_file():
+    if model.tokenizer is None:
         raise_user(f"RUN: {args.run!r} has no {TOKENIZER_FILE}; generate needs the run's tokenizer")
-    return model, Tokenizer.from_file(str(tok_path))
+    return model, model.tokenizer
 
 
 def _prompt(args) -> str:

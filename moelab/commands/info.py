@@ -37,7 +37,7 @@ def run(args) -> int:
     from moelab.accounting import describe
     if args.run:
         from moelab.commands import raise_user
-        from moelab.train.checkpoint import CheckpointError, read_config
+        from moelab.runfolder import CheckpointError, read_config
         if args.preset or args.config:
             raise_user("give a run folder or --preset/--config, not both")
         try:

@@ -33,9 +33,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moelab.data import DataError
     from moelab.lock import FolderLockedError
-    from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError, read_config
-    from moelab.train.state import checkpoint_dirs
-    from moelab.train.stop import EXIT_STOPPED, StoppedByRequest
+    from moelab.runfolder import TOKENIZER_FILE, CheckpointError, checkpoint_dirs, read_config, resolve
+    from moelab.stop import EXIT_STOPPED, StoppedByRequest
     from moelab.train.trainer import TrainingError, resume_config, train
 
     if args.strict_resume and not args.resume:
@@ -59,7 +58,7 @@ def run(args) -> int:
                 # otherwise, their tokenizer: token ids must mean what the embeddings learned
                 source = read_config(args.init_from)
                 data = cfg.data
-                tokenizer = Path(args.init_from) / TOKENIZER_FILE
+                tokenizer = resolve(args.init_from) / TOKENIZER_FILE
                 if data.tokenizer is None and tokenizer.is_file():
                     data = dataclasses.replace(data, tokenizer=str(tokenizer))
                 cfg = dataclasses.replace(cfg, model=source.model, data=data).validate()

@@ -55,7 +55,7 @@ def load_measurement(out_dir: Path, unit: dict) -> dict:
 
 def _load(run_dir: str):
     from moelab import load
-    from moelab.train.checkpoint import read_config
+    from moelab.runfolder import read_config
     return load(run_dir), read_config(run_dir)
 
 

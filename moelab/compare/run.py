@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-SUMMARY_FILE = "summary.json"
+from moelab.runfolder import SUMMARY_FILE, checkpoint_dirs
 
 
 class UnitState(str, Enum):
@@ -26,7 +26,6 @@ class UnitState(str, Enum):
 
 
 def unit_state(run_dir: str | Path) -> UnitState:
-    from moelab.train.state import checkpoint_dirs
     run_dir = Path(run_dir)
     if (run_dir / SUMMARY_FILE).is_file():
         return UnitState.FINISHED
@@ -80,7 +79,7 @@ def _train(args: list[str]) -> tuple[int, bool]:
     The training process runs in its own session, so a Ctrl-C reaches compare alone, which passes
     one SIGTERM on: the trainer finishes its step, checkpoints and exits (status 75). A second
     signal kills it at once; its previous checkpoint stays intact."""
-    from moelab.train.stop import EXIT_STOPPED
+    from moelab.stop import EXIT_STOPPED
     proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], start_new_session=True)
     if threading.current_thread() is not threading.main_thread():
         return proc.wait(), False

@@ -119,3 +119,55 @@ def load_full_into(model: nn.Module, optimizer: torch.optim.Optimizer, weights: 
 def sharded_files(folder: Path) -> list[Path]:
     return sorted((folder / MODEL_DIR / SHARDED).glob("*.safetensors")) + \
         sorted((folder / OPTIM_DIR).glob("*.safetensors"))
+
+
+def _chunks(folder: Path) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """(offsets, shape) of every stored chunk of every tensor in a folder of DCP shards, read from
+    the safetensors headers (DCP records each chunk's offsets in the file's metadata)."""
+    import json
+    from safetensors import safe_open
+    from torch.distributed.checkpoint._hf_utils import CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY
+    out: dict[str, list] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            info = json.loads((handle.metadata() or {}).get(CUSTOM_METADATA_KEY, "{}"))
+            for key in handle.keys():
+                shape = list(handle.get_slice(key).get_shape())
+                offsets = info.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape))
+                out.setdefault(key, []).append((offsets, shape))
+    return out
+
+
+def _volume(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def missing_pieces(folder: Path, world_size: int, param_groups: list[dict]) -> list[str]:
+    """What a sharded checkpoint written by ``world_size`` ranks lacks, though the files that are
+    there may read fine: model tensors, or optimizer states of the parameters ``param_groups``
+    names, whose stored chunks do not cover their full shape (the consolidated weights' shapes;
+    DCP stores non-overlapping chunks), and any rank's RNG file. Empty when it is complete."""
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        full = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    missing = []
+    model = _chunks(folder / MODEL_DIR / SHARDED)
+    for key, shape in full.items():
+        if sum(_volume(s) for _, s in model.get(key, [])) < _volume(shape):
+            missing.append(f"{MODEL_DIR}/{SHARDED}: part of {key}")
+    optim = _chunks(folder / OPTIM_DIR)
+    slots = {k.rsplit("/", 1)[1] for k in optim}
+    for key in (name for group in param_groups for name in group["params"]):
+        for slot in sorted(slots):
+            chunks = optim.get(f"{key}/{slot}", [])
+            scalar = bool(chunks) and not chunks[0][1]                       # e.g. AdamW's step
+            if not chunks or (not scalar and sum(_volume(s) for _, s in chunks) < _volume(full.get(key, []))):
+                missing.append(f"{OPTIM_DIR}: part of {key}/{slot}")
+    for rank in range(world_size):
+        rng = f"{RNG_DIR}/rank-{rank:05d}.safetensors"
+        if not (folder / rng).is_file():
+            missing.append(rng)
+    return missing

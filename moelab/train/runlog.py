@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from moelab.train.checkpoint import METRICS_FILE
+from moelab.runfolder import METRICS_FILE, repair_metrics
 
 
 class RunLogger:
@@ -50,15 +50,14 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop records logged after the checkpoint we resume from (a killed run may have logged
-        steps that will now be redone), so the file reads as one uninterrupted run."""
-        path = self.run_dir / METRICS_FILE
-        if not self.writer or not path.is_file():
-            return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= after_step]
-        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    def repair_metrics(self, after_step: int) -> None:
+        """Before a resume: drop records logged after the checkpoint (a killed run may have logged
+        steps that will now be redone) and a torn last line, saying so, so the file reads as one
+        uninterrupted run."""
+        if self.writer:
+            message = repair_metrics(self.run_dir, after_step)
+            if message:
+                self.warn(message)
 
     def open_tensorboard(self) -> None:
         self._writer()

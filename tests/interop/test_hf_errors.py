@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import moelab
 from moelab.cli import main
 from moelab.interop import InteropError, export_hf, import_hf, to_transformers
-from moelab.train.checkpoint import save_run
+from moelab.runfolder import save as save_run
 
 from hf_models import hf_model
 
@@ -188,7 +188,7 @@ def test_cli_round_trip_and_errors(mixtral_dir, tmp_path, capsys):
 def test_shard_plan_and_sizes():
     import torch
     from moelab.interop import InteropError
-    from moelab.interop.hf import parse_size, plan_shards
+    from moelab.interop.folders import parse_size, plan_shards
     t = {"a": torch.zeros(10), "b": torch.zeros(30), "c": torch.zeros(5), "d": torch.zeros(5)}   # 40/120/20/20 B
     assert plan_shards(t, 100) == [["a"], ["b"], ["c", "d"]]          # b alone exceeds: its own shard
     assert plan_shards(t, 10**9) == [["a", "b", "c", "d"]]
