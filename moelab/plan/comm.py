@@ -27,7 +27,7 @@ the gradient shard over the replicas, 2 (r - 1) / r of it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from math import comb
 
 from moelab.config import ModelConfig
