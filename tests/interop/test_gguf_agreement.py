@@ -1,0 +1,80 @@
+"""llama.cpp against moelab, measured, for every architecture the GGUF exporter writes, on an
+imported Hugging Face model of the family (fast) and on a tiny trained run folder (slow):
+
+- f32 GGUF: next-token logits of a 64-token prompt within 1e-3 relative (max abs difference over
+  max abs logit) of moelab's float32 logits, and the same 32 greedy tokens;
+- bf16 GGUF: the same 32 greedy tokens as moelab running the same bf16 weights;
+- Q8_0 GGUF: llama.cpp's arg-max equals moelab's float32 greedy token at >= 90% of 32 positions
+  (teacher-forced on moelab's tokens, so one early difference is not counted 32 times).
+
+The imported Hugging Face models have random weights (no download), whose logits and router
+scores are much flatter than a trained model's: there a bf16 run may take the other side of a
+near-tie (two experts' router probabilities within 1e-2, or two logits within 1e-2 standard
+deviations; measured, e.g. qwen2_moe: 4e-4 between the 2nd and 3rd expert), and Q8_0 flips more
+near-ties (measured 0.84-1.0 over the six families). For them a bf16 difference must be such a
+measured near-tie, and Q8_0 must agree at >= 80%; the issue's exact criteria are asserted on the
+trained run folders, where llama.cpp and moelab agree on every token (docs/inference.md).
+"""
+
+import pytest
+import torch
+
+from gguf_cases import CASES, IDS, measure_agreement, train_run
+
+from hf_models import hf_model
+
+import moelab
+from moelab.interop import from_transformers
+from moelab.interop.gguf import convert_to_gguf, load_source
+
+PROMPT = 64
+
+
+def _check(result, random_weights: bool = False):
+    assert result.f32_logits_rel < 1e-3, result
+    assert result.f32_greedy_equal, result
+    if random_weights:
+        assert result.bf16_greedy_equal or result.bf16_mismatch_is_near_tie, result
+        assert result.q8_0_agreement >= 0.8, result
+    else:
+        assert result.bf16_greedy_equal, result
+        assert result.q8_0_agreement >= 0.9, result
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_imported_hf_model(case, tmp_path):
+    hf = hf_model(case.hf_family, case.hf)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _, kind = load_source(tmp_path / "hf")            # the exporter's own HF reading
+    assert kind == "hf"
+    ref = from_transformers(hf)                               # the same weights, through transformers
+    x = torch.randint(0, 96, (1, 8))
+    assert torch.allclose(model(x).logits, ref(x).logits, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, hf.config.vocab_size, (PROMPT,), generator=g).tolist()
+    result = measure_agreement(model, prompt, tmp_path)
+    assert result.arch == case.arch
+    _check(result, random_weights=True)
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    return {i: train_run(c, root / i) for c, i in zip(CASES, IDS)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_trained_run_folder(case, trained_runs, tmp_path):
+    from tokenizers import Tokenizer
+    run = trained_runs[f"{case.arch}-{case.preset}"]
+    model = moelab.load(run)
+    tok_json = (run / "tokenizer.json").read_text()
+    text = (moelab.__file__.rsplit("/", 1)[0] + "/generate.py")
+    ids = Tokenizer.from_str(tok_json).encode(open(text).read()).ids[:PROMPT]   # real text, 64 tokens
+    result = measure_agreement(model, ids, tmp_path, tokenizer_json=tok_json)
+    assert result.arch == case.arch
+    _check(result)
+    # the folder path gives the same file as the live model
+    done = convert_to_gguf(run, tmp_path / "cli.gguf", "f32")
+    assert done.arch == case.arch and done.path.stat().st_size == (tmp_path / "f32.gguf").stat().st_size
