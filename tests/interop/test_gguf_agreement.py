@@ -41,7 +41,12 @@ def _check(result, random_weights: bool = False):
         assert result.q8_0_agreement >= 0.9, result
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+# two cases in the fast set (MoE expert stacking; MLA, groups and the selection bias), all in CI
+FAST = ("llama-mixtral", "deepseek2-deepseek-v3")
+HF_CASES = [pytest.param(c, id=i, marks=() if i in FAST else pytest.mark.slow) for c, i in zip(CASES, IDS)]
+
+
+@pytest.mark.parametrize("case", HF_CASES)
 def test_imported_hf_model(case, tmp_path):
     hf = hf_model(case.hf_family, case.hf)
     hf.save_pretrained(tmp_path / "hf")
