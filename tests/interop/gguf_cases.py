@@ -95,15 +95,24 @@ def moelab_greedy(model, prompt: list[int], n: int) -> list[int]:
     return generate(model, [prompt], max_new_tokens=n, temperature=0).tokens[0]
 
 
-def teacher_forced_agreement(engine: LlamaCpp, prompt: list[int], tokens: list[int]) -> float:
-    """Fraction of positions where llama.cpp's arg-max, given moelab's greedy prefix, is moelab's
-    next token: per-token agreement without one early difference cascading into the rest."""
-    hits, logits = 0, engine.prefill(prompt)
+def llama_argmax_along(engine: LlamaCpp, prompt: list[int], tokens: list[int]) -> list[int]:
+    """llama.cpp's arg-max after ``prompt``, then after each prefix of ``tokens`` (teacher forcing)."""
+    out, logits = [], engine.prefill(prompt)
     for i, t in enumerate(tokens):
-        hits += int(logits.argmax()) == t
+        out.append(int(logits.argmax()))
         if i < len(tokens) - 1:
             logits = engine.step(t)
-    return hits / len(tokens)
+    return out
+
+
+def moelab_argmax_along(model, prompt: list[int], tokens: list[int]) -> list[int]:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
+    return logits.argmax(-1).tolist()
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
 @dataclass
@@ -115,6 +124,10 @@ class Agreement:
     bf16_first_mismatch: int       # -1: none
     bf16_torch_greedy_equal: bool  # vs moelab's own bf16 compute (information: torch rounds more)
     q8_0_agreement: float          # teacher-forced arg-max agreement with moelab float32 greedy tokens
+    # teacher-forced arg-max agreement along the text that follows the prompt (real text for a
+    # trained run): every position a different context, unlike a tiny model's repetitive greedy output
+    bf16_text_agreement: float     # vs moelab float32 on the bf16 weights
+    q8_0_text_agreement: float     # vs moelab float32
     # at the first bf16 mismatch (moelab float32 on the bf16 weights): the smallest gap, over MoE
     # layers, between the k-th and (k+1)-th router probability, and the top-2 logit gap over the
     # logit standard deviation; a tiny gap means a near-tie any rounding may flip
@@ -149,8 +162,9 @@ def _first_mismatch(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), -1 if len(a) == len(b) else min(len(a), len(b)))
 
 
-def measure_agreement(model, prompt: list[int], tmp: Path, tokenizer_json=None, n: int = 32) -> Agreement:
-    """Export ``model`` (float32) as f32, bf16 and q8_0 and measure llama.cpp against moelab.
+def measure_agreement(model, tokens: list[int], tmp: Path, tokenizer_json=None, n: int = 32) -> Agreement:
+    """Export ``model`` (float32) as f32, bf16 and q8_0 and measure llama.cpp against moelab:
+    ``tokens`` is a 64-token prompt followed by ``n`` tokens of text to teacher-force along.
 
     The bf16 file holds the bf16-rounded weights; llama.cpp's bf16 tokens are compared with moelab
     running exactly those weights in float32 (the rounding of the weights is then the same on both
@@ -161,6 +175,7 @@ def measure_agreement(model, prompt: list[int], tmp: Path, tokenizer_json=None, 
     from moelab.quantize import cast_parameters_
     model = model.float().eval()
     ctx = model.config.max_seq_len
+    prompt, text = tokens[:-n], tokens[-n:]
     want_logits = moelab_logits(model, prompt)
     want_tokens = moelab_greedy(model, prompt, n)
 
@@ -177,14 +192,16 @@ def measure_agreement(model, prompt: list[int], tmp: Path, tokenizer_json=None, 
     bf16 = export_gguf(bf16_model, tmp / "bf16.gguf", type="bf16", tokenizer_json=tokenizer_json)
     engine = LlamaCpp(bf16.path, ctx)
     bf16_tokens = engine.greedy(prompt, n)
+    bf16_text = agreement(llama_argmax_along(engine, prompt, text), moelab_argmax_along(bf16_weights_f32, prompt, text))
     engine.close()
 
     q8 = export_gguf(model, tmp / "q8_0.gguf", type="q8_0", tokenizer_json=tokenizer_json)
     engine = LlamaCpp(q8.path, ctx)
-    agree = teacher_forced_agreement(engine, prompt, want_tokens)
+    agree = agreement(llama_argmax_along(engine, prompt, want_tokens), want_tokens)
+    q8_text = agreement(llama_argmax_along(engine, prompt, text), moelab_argmax_along(model, prompt, text))
     engine.close()
     mismatch = _first_mismatch(bf16_tokens, bf16_want)
     gaps = near_tie_gaps(bf16_weights_f32, prompt + bf16_want, len(prompt) - 1 + mismatch) if mismatch >= 0 \
         else (float("inf"), float("inf"))
     return Agreement(f32.arch, rel, f32_tokens == want_tokens, bf16_tokens == bf16_want, mismatch,
-                     bf16_tokens == bf16_torch, agree, *gaps)
+                     bf16_tokens == bf16_torch, agree, bf16_text, q8_text, *gaps)
