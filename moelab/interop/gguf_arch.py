@@ -221,6 +221,9 @@ def _deepseek2(m: ModelConfig, layers: list[int]) -> Choice:
         refuse("model.qk_norm", m.qk_norm, "MLA has its own latent norms; deepseek2 has no q/k norms")
     if m.attn_bias:
         refuse("model.attn_bias", True, "deepseek2's MLA projections have no biases")
+    if m.rope_scaling.kind != "default":
+        refuse("model.rope_scaling.kind", m.rope_scaling.kind, "deepseek2 ties its RoPE scaling to a YaRN "
+               "attention factor the exporter does not map")
     first = layers[0] if layers else m.n_layers
     if layers != list(range(first, m.n_layers)):
         refuse("model.moe.layers", layers, "deepseek2 has leading dense layers, then MoE in every layer")

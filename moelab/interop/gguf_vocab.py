@@ -84,10 +84,9 @@ def vocab_from_tokenizer_json(text: str, n_vocab: int, eos_id: int) -> Vocab:
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         _bad("model.type", model.get("type"), "only BPE tokenizers are mapped to GGUF")
-    for key, ok in (("dropout", None), ("continuing_subword_prefix", None), ("end_of_word_suffix", None),
-                    ("byte_fallback", False)):
-        if model.get(key) not in (ok, "") and not (ok is False and model.get(key) is None):
-            _bad(f"model.{key}", model.get(key), "llama.cpp's BPE has no such option")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+        if model.get(key):                          # None, "" and False are the plain BPE
+            _bad(f"model.{key}", model[key], "llama.cpp's BPE has no such option")
     if data.get("normalizer") is not None:
         _bad("normalizer", data["normalizer"], "llama.cpp's BPE tokenizers apply no normalizer")
     post = data.get("post_processor")

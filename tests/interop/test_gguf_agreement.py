@@ -13,8 +13,9 @@ position a new context), and must agree at >= 90% of them as well.
 
 The imported Hugging Face models have random weights (no download), whose logits and router
 scores are much flatter than a trained model's: there a bf16 run may take the other side of a
-near-tie (two experts' router probabilities within 1e-2, or two logits within 1e-2 standard
-deviations; measured, e.g. qwen2_moe: 4e-4 between the 2nd and 3rd expert), and Q8_0 flips more
+near-tie (two experts' router probabilities within 1e-2, or two logits within 5e-2 standard
+deviations, below what bf16 rounding moves them; measured, e.g. qwen2_moe: 4e-4 between the 2nd
+and 3rd expert), and Q8_0 flips more
 near-ties (measured 0.78-1.0 over the six families). For them a bf16 difference must be such a
 measured near-tie, and Q8_0 must agree at >= 75%; the issue's exact criteria are asserted on the
 trained run folders (docs/inference.md has the measured table).
@@ -65,6 +66,21 @@ def test_imported_hf_model(case, tmp_path):
     result = measure_agreement(model, tokens, tmp_path, n=NEW)
     assert result.arch == case.arch
     _check(result, random_weights=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_linear_rope_scaling(family, tmp_path):
+    """RoPE position interpolation (model.rope_scaling.kind = "linear") as llama.cpp's rope scale."""
+    extra = dict(num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" else {}
+    hf = hf_model(family, dict(num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
+                               rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=4.0), **extra))
+    hf.save_pretrained(tmp_path / "hf")
+    model, _, _ = load_source(tmp_path / "hf")
+    assert model.config.rope_scaling.kind == "linear"
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, hf.config.vocab_size, (PROMPT + NEW,), generator=g).tolist()
+    _check(measure_agreement(model, tokens, tmp_path, n=NEW), random_weights=True)
 
 
 @pytest.fixture(scope="module")
