@@ -74,6 +74,17 @@ def require_gguf(llama: bool = False):
     return gguf
 
 
+def quiet_stderr():
+    """llama-cpp-python's own file-descriptor level silencer (what it uses while loading): llama.cpp
+    prints from C, past Python's streams."""
+    try:
+        from llama_cpp._utils import suppress_stdout_stderr
+        return suppress_stdout_stderr(disable=False)
+    except ImportError:   # a future layout: then llama.cpp's warnings show, nothing worse
+        import contextlib
+        return contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------------------------------
 # tensors: our state dict -> llama.cpp names and layouts
 # ---------------------------------------------------------------------------------------------
@@ -355,9 +366,19 @@ def _llama_quantize(src: Path, dst: Path, gguf_type: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_QUANT_TYPES[gguf_type])
     params.nthread = torch.get_num_threads()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with quiet_stderr():      # it prints a line per tensor; the types it chose are noted instead
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise InteropError(f"llama.cpp's quantiser failed on {src} (type {gguf_type}, status {rc})")
+
+
+def tensor_types(path: PathLike) -> dict[str, int]:
+    """How many tensors of each GGML type a GGUF file holds, e.g. {"Q4_K": 20, "F32": 9}."""
+    gguf = require_gguf()
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def plan(model: "Transformer", tokenizer_json: Optional[str] = None) -> tuple[Choice, Optional[Vocab]]:
@@ -407,6 +428,10 @@ def export_gguf(model: "Transformer", out: PathLike, *, type: str = "bf16",
                     _llama_quantize(mid, tmp, type)
                 finally:
                     mid.unlink(missing_ok=True)
+        if type in LLAMA_QUANT_TYPES:
+            mix = ", ".join(f"{k.lower()} x{v}" for k, v in tensor_types(tmp).items())
+            notes.append(f"llama.cpp's quantiser chose the tensor types ({mix}; rows its blocks do not "
+                         "divide fall back to other types)")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from moelab.interop.errors import InteropError
-from moelab.interop.gguf import EXPORTER_VERSION, check_type, convert_to_gguf, require_gguf
+from moelab.interop.gguf import EXPORTER_VERSION, check_type, convert_to_gguf, quiet_stderr, require_gguf
 
 PathLike = Union[str, Path]
 CACHE_DIR = "gguf"
@@ -117,9 +117,12 @@ class LlamaCpp:
         threads = threads or torch.get_num_threads()
         kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if kv_f32 else {}
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
-                                       n_ubatch=min(n_batch, n_ctx), n_threads=threads,
-                                       n_threads_batch=threads, verbose=False, **kv)
+            # llama.cpp pads the context to a multiple of 256 and then warns that it exceeds the
+            # model's; llama-cpp-python's verbose=False does not silence the context's warnings
+            with quiet_stderr():
+                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
+                                           n_ubatch=min(n_batch, n_ctx), n_threads=threads,
+                                           n_threads_batch=threads, verbose=False, **kv)
         except ValueError as e:      # llama-cpp-python's "Failed to load model from file"
             raise InteropError(f"llama.cpp cannot load {path}: {e}") from None
         self.n_vocab = self.llm.n_vocab()
