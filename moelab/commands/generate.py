@@ -52,8 +52,8 @@ def add_parser(sub) -> None:
 ENGINES = ("torch", "llama.cpp")
 # shown with --quantize int8 (figures: benchmarks/RESULTS.md, docs/inference.md)
 INT8_NOTE = ("note: torch's int8 weight-only decoding is not reliably faster than bf16 on CPU (measured "
-             "from 1.33x down to 0.61x of bf16 depending on the host and library versions); llama.cpp's "
-             "int8 kernels are: --engine llama.cpp --type q8_0 (docs/inference.md)")
+             "0.61x to 1.57x of bf16 across hosts and library versions); llama.cpp's int8 is: "
+             "--engine llama.cpp --type q8_0 (measured 3.4x torch's bf16; docs/inference.md)")
 
 
 def _load(args):
