@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from moelab.data.tokenizer import MASK_CANDIDATES
 from moelab.interop.gguf_arch import GGUFRefusal
 
 # Hugging Face pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp pre-tokenizer
@@ -110,7 +111,7 @@ def vocab_from_tokenizer_json(text: str, n_vocab: int, eos_id: int) -> Vocab:
                           f"model.vocab_size = {n_vocab}")
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     token_types = [types.get(i, UNUSED) for i in range(n_vocab)]
-    mask = next((i for i, t in by_id.items() if t in ("<|mask|>", "[MASK]", "<mask>")), None)
+    mask = next((i for i, t in sorted(by_id.items()) if t in MASK_CANDIDATES and types[i] == CONTROL), None)
     return Vocab(pre=pre, tokens=tokens, types=token_types, merges=[_merge_text(m) for m in model.get("merges", [])],
                  eos_id=eos_id, mask_id=mask)
 
