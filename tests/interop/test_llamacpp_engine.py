@@ -92,7 +92,6 @@ def test_sampling_options_mean_the_same(tmp_path, tokenizer_json):
         engine.close()
 
 
-@pytest.mark.slow
 def test_generate_cli_engines_agree(tmp_path, tokenizer_json, capsys):
     run = tmp_path / "run"
     _save(run, tokenizer_json)
