@@ -68,6 +68,25 @@ def test_imported_hf_model(case, tmp_path):
     _check(result, random_weights=True)
 
 
+@pytest.mark.parametrize("preset,extra", [("dense", ["model.attn_bias=true", "model.n_kv_heads=2"]),
+                                          ("moe", ["model.attn_bias=true", "model.moe.num_shared_experts=1",
+                                                   "model.moe.shared_expert_gate=true", "model.moe.renormalize=false"])])
+def test_qkv_biases(preset, extra, tmp_path):
+    """q/k/v biases: permuted with their rows into llama's RoPE pair layout (NEOX qwen2moe: as they are)."""
+    torch.manual_seed(0)
+    model = moelab.build(preset, ["model.vocab_size=128", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+                                  "model.ffn_hidden=96", "model.moe.num_experts=4", "model.moe.expert_hidden=32",
+                                  *extra])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("qkv.bias"):
+                p.normal_(std=0.5)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 128, (PROMPT + NEW,), generator=g).tolist()
+    result = measure_agreement(model, tokens, tmp_path, n=NEW)
+    assert result.f32_logits_rel < 1e-3 and result.f32_greedy_equal, result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
 def test_linear_rope_scaling(family, tmp_path):
