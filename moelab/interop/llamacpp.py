@@ -26,12 +26,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from moelab.interop.errors import InteropError
 from moelab.interop.gguf import EXPORTER_VERSION, check_type, convert_to_gguf, quiet_stderr, require_gguf
+
+if TYPE_CHECKING:  # pragma: no cover
+    from moelab.generate import Step
 
 PathLike = Union[str, Path]
 CACHE_DIR = "gguf"
