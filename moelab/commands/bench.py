@@ -1,5 +1,8 @@
 """`moelab bench moe`: time one MoE layer against the equal-active dense SwiGLU and Hugging Face's
-experts implementations, for the user's own shape (the measurement of benchmarks/moe_layer.py)."""
+experts implementations, for the user's own shape (the measurement of benchmarks/moe_layer.py).
+
+`moelab bench decode RUN --engine both`: batch-1 decode tokens/s of a run with the torch engine and
+llama.cpp, and each as a fraction of the memory-bandwidth limit (moelab.decode_bench)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,64 @@ def add_parser(sub) -> None:
     m.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=run_moe)
+    _add_decode(what)
+
+
+def _add_decode(what) -> None:
+    d = what.add_parser("decode", help="batch-1 decode tokens/s of a run: torch engine vs llama.cpp")
+    d.add_argument("run", metavar="RUN", help="run folder")
+    d.add_argument("--engine", choices=("torch", "llama.cpp", "both"), default="both")
+    d.add_argument("--type", default="bf16", help="llama.cpp GGUF type (default bf16; q8_0 = int8)")
+    d.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="torch engine dtype")
+    d.add_argument("--new-tokens", type=int, default=32)
+    d.add_argument("--prompt-len", type=int, default=16)
+    d.add_argument("--repeats", type=int, default=3, help="timed rounds per engine (after a warm-up)")
+    d.add_argument("--threads", type=int, default=None, help="threads for both engines (default: torch's)")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=run_decode)
+
+
+def run_decode(args) -> int:
+    import sys
+
+    from moelab.commands import raise_user
+    for name in ("new_tokens", "prompt_len", "repeats"):
+        if getattr(args, name) < 1 or (name == "new_tokens" and args.new_tokens < 2):
+            raise_user(f"--{name.replace('_', '-')} = {getattr(args, name)} is invalid: must be >= "
+                       f"{2 if name == 'new_tokens' else 1}")
+    if args.threads is not None and args.threads < 1:
+        raise_user(f"--threads = {args.threads} is invalid: must be > 0")
+    import torch
+
+    from moelab.decode_bench import measure
+    from moelab.interop import InteropError
+    from moelab.interop.gguf import check_type
+    from moelab.runfolder import CheckpointError
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engines = ("torch", "llama.cpp") if args.engine == "both" else (args.engine,)
+    try:
+        if "llama.cpp" in engines:
+            check_type(args.type)
+        result = measure(args.run, engines, gguf_type=args.type, dtype=args.dtype, new_tokens=args.new_tokens,
+                         prompt_len=args.prompt_len, repeats=args.repeats,
+                         log=lambda s: print(s, file=sys.stderr))
+    except (InteropError, CheckpointError) as e:
+        raise_user(str(e))
+    from moelab.decode_bench import environment
+    result["environment"] = environment()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.run}: {result['read_params_per_token'] / 1e6:.1f}M parameters read per token, memory bandwidth "
+          f"{result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> bf16 limit "
+          f"{result['bf16_limit_tokens_per_s']:.1f} tokens/s")
+    print(f"  {'engine':<18} {'tokens/s':>9} {'of bf16 limit':>14}")
+    for name, r in result["engines"].items():
+        print(f"  {name:<18} {r['tokens_per_s']:>9.2f} {r['fraction_of_bf16_limit']:>14.2f}")
+    if "greedy_agreement" in result:
+        print(f"  greedy tokens equal at {result['greedy_agreement']:.0%} of {args.new_tokens} positions")
+    return 0
 
 
 def _check(args) -> None:
