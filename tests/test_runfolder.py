@@ -184,3 +184,16 @@ def test_loading_bf16_as_bf16_never_holds_a_float32_copy(tmp_path):
     assert proc.returncode == 0, proc.stderr
     peak = int(proc.stdout.strip().splitlines()[-1])
     assert peak < 1.25 * weight_bytes, f"peak {peak:,} bytes over baseline for {weight_bytes:,} bytes of bf16"
+
+
+def test_commands_take_an_hf_folder_where_a_run_folder_goes(hf_folder, capsys):
+    from moelab.cli import main
+    path, _ = hf_folder
+    before = sorted(p.name for p in path.iterdir())
+    assert main(["generate", str(path), "--prompt", "a b", "--max-new-tokens", "3", "--temperature", "0",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["new_tokens"] == 3
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] > 0
+    assert sorted(p.name for p in path.iterdir()) == before
