@@ -26,9 +26,13 @@ from typing import Optional, Union
 import torch
 
 from moelab.config import Config, ConfigError, ModelConfig, from_dict
+from moelab.fileio import write_text_atomic
 from moelab.interop.errors import InteropError
 from moelab.interop.families import FAMILIES
 from moelab.interop.families.common import HFConfig
+from moelab.interop.folder import check_name, inside
+from moelab.interop.tokenizer_files import (TOKENIZER, check_fits, config_token_ids, read_tokenizer,
+                                            special_tokens, tokenizer_files)
 from moelab.interop.keymap import hf_to_ours, ours_to_hf
 
 PathLike = Union[str, Path]
@@ -36,8 +40,6 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # transformers' long-standing default, "5GB"
-TOKENIZER = "tokenizer.json"
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,13 +113,10 @@ class Checkpoint:
     def __init__(self, folder: Path):
         from safetensors import safe_open
         index = folder / HF_INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InteropError(f"{index} is damaged: {e}") from None
+        if inside(folder, HF_INDEX).is_file():
+            weight_map = read_index(folder)
             files = sorted(set(weight_map.values()))
-        elif (folder / HF_WEIGHTS).is_file():
+        elif inside(folder, HF_WEIGHTS).is_file():
             files, weight_map = [HF_WEIGHTS], None
         else:
             pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
@@ -126,14 +125,14 @@ class Checkpoint:
             raise InteropError(f"{folder} has no {HF_WEIGHTS} or {HF_INDEX}{extra}")
         self.handles, self.where = {}, {}
         for name in files:
-            path = folder / name
+            path = inside(folder, name, f"{index}: shard")
             if not path.is_file():
                 raise InteropError(f"{index} names shard {name!r}, which is missing")
             try:
                 handle = safe_open(str(path), framework="pt")
                 keys = list(handle.keys())
             except Exception as e:  # SafetensorError, OSError: truncated, empty or not safetensors
-                raise InteropError(f"{path} is damaged, truncated or not a safetensors file: {e}") from None
+                raise InteropError(f"{folder / name} is damaged, truncated or not a safetensors file: {e}") from None
             self.handles[name] = handle
             for k in keys:
                 self.where[k] = name
@@ -152,19 +151,43 @@ class Checkpoint:
             raise InteropError(f"{self.where[key]}: tensor {key!r} cannot be read (truncated file?): {e}") from None
 
 
+def read_index(folder: Path) -> dict[str, str]:
+    """``weight_map`` of ``model.safetensors.index.json``: tensor name -> shard file name, every
+    shard name a relative path inside ``folder``."""
+    index = folder / HF_INDEX
+    try:
+        data = json.loads(inside(folder, HF_INDEX).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InteropError(f"{index} is damaged: {e}") from None
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise InteropError(f"{index} is damaged: expected a JSON object with a 'weight_map'")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise InteropError(f"{index}: weight_map = {_short(weight_map)} is invalid: must be an object "
+                           "mapping tensor names to shard file names")
+    for key, name in weight_map.items():
+        check_name(name, f"{index}: weight_map[{key!r}]")
+    return weight_map
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_hf_config(folder: PathLike) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise InteropError(f"{str(folder)!r} is not a folder")
-    path = folder / HF_CONFIG
+    path = inside(folder, HF_CONFIG)
     if not path.is_file():
         raise InteropError(f"{str(folder)!r} is not a Hugging Face model folder (no {HF_CONFIG})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InteropError(f"{path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InteropError(f"{folder / HF_CONFIG} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise InteropError(f"{path} does not hold a JSON object")
+        raise InteropError(f"{folder / HF_CONFIG} does not hold a JSON object")
     return data
 
 
@@ -204,15 +227,13 @@ class _Staging:
         os.replace(self.tmp, self.dest)
 
 
-def _copy_tokenizer(src: Path, dst: Path, extras: bool) -> bool:
-    if not (src / TOKENIZER).is_file():
-        return False
-    shutil.copyfile(src / TOKENIZER, dst / TOKENIZER)
-    if extras:
-        for name in TOKENIZER_EXTRAS:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, dst / name)
-    return True
+def _write_tokenizer(src: Path, dst: Path, what: str):
+    """Copy ``src``'s tokenizer.json to ``dst`` once it has loaded (a corrupt one is refused, not
+    copied on); returns the loaded tokenizer and its text, or None when ``src`` has none."""
+    loaded = read_tokenizer(src, what)
+    if loaded is not None:
+        write_text_atomic(dst / TOKENIZER, loaded[1])
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +244,8 @@ def import_hf(hf_dir: PathLike, out_run: PathLike) -> list[str]:
     """Convert an HF model folder into a moelab run folder. Returns notes for the user.
 
     Tensors keep their stored dtype (bf16 stays bf16 on disk; ``moelab.load`` casts to the model's
-    dtype), so an import followed by an export reproduces every tensor bit for bit."""
+    dtype), so an import followed by an export reproduces every tensor bit for bit. Every file is
+    read from inside ``hf_dir`` (see ``moelab.interop.folder``)."""
     from moelab.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_tensors, write_json
     hf_dir = Path(hf_dir)
     imported = config_from_hf(read_hf_config(hf_dir))
@@ -238,34 +260,76 @@ def import_hf(hf_dir: PathLike, out_run: PathLike) -> list[str]:
     state = hf_to_ours(fam.KEYMAP, cfg.model, expected_state(cfg.model), available, ckpt.get,
                        rope_interleave=imported.rope_interleave)
     with _Staging(out_run) as tmp:
+        if _write_tokenizer(hf_dir, tmp, "HF_DIR") is None:
+            notes.append(f"{hf_dir} has no {TOKENIZER}; the run has no tokenizer")
         write_json(tmp / CONFIG_FILE, cfg.to_dict())
         save_tensors(tmp / WEIGHTS_FILE, state, {"format": "pt", "moelab": "1", "source": f"hf:{fam.MODEL_TYPE}"})
-        if not _copy_tokenizer(hf_dir, tmp, extras=False):
-            notes.append(f"{hf_dir} has no {TOKENIZER}; the run has no tokenizer")
     return notes
 
 
-def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: str,
+def default_family(run_dir: PathLike) -> str:
+    """The family a run exports to when none is named: the one it was imported from, else the
+    first family that can express its config (llama for a dense model). Refuses, naming each
+    family's reason, when none can."""
+    from moelab.interop.families import family_for
+    from moelab.train.checkpoint import CheckpointError, WEIGHTS_FILE, read_config
+    run_dir = Path(run_dir)
+    try:
+        inside(run_dir, "config.json", "RUN: config.json")
+        cfg = read_config(run_dir)
+    except CheckpointError as e:
+        raise InteropError(str(e)) from None
+    return family_for(cfg.model, prefer=_imported_from(inside(run_dir, WEIGHTS_FILE, "RUN: weights")))
+
+
+def _imported_from(weights: Path) -> Optional[str]:
+    """The HF family recorded in the weights' metadata by ``import_hf`` (``source = hf:<family>``)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            source = (f.metadata() or {}).get("source", "")
+    except Exception:  # noqa: BLE001 - missing or damaged weights are reported by the export itself
+        return None
+    return source[3:] if source.startswith("hf:") else None
+
+
+def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: Optional[str] = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Write a moelab run as an HF folder of ``family_name`` (config.json, the weights, and
-    tokenizer.json when the run has one). Weights over ``max_shard_bytes`` are split into
-    ``model-0000i-of-0000n.safetensors`` shards with a ``model.safetensors.index.json``, as
-    transformers writes them. Refuses models the family cannot express; returns notes on what
-    was dropped (training-only settings)."""
+    """Write a moelab run as a complete HF folder of ``family_name`` (None: ``default_family``):
+    config.json with the bos/eos/pad ids, the weights, and when the run has a tokenizer,
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json,
+    so that ``AutoTokenizer`` knows its special tokens and ``generate`` stops at end of text.
+    Weights over ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors`` shards
+    with a ``model.safetensors.index.json``, as transformers writes them. Refuses models the family
+    cannot express; returns notes on what was dropped (training-only settings)."""
     from moelab.train.checkpoint import (CheckpointError, WEIGHTS_FILE, load_tensors, read_config,
                                          save_tensors, write_json)
     run_dir = Path(run_dir)
+    notes: list[str] = []
+    if family_name is None:
+        family_name = default_family(run_dir)
+        notes.append(f"family {family_name}: the family this model's config maps to (choose another with --family)")
     fam = family(family_name)
     try:
+        inside(run_dir, "config.json", "RUN: config.json")
         cfg = read_config(run_dir)
-        state = load_tensors(run_dir / WEIGHTS_FILE)
+        state = load_tensors(inside(run_dir, WEIGHTS_FILE, "RUN: weights"))
     except CheckpointError as e:
         raise InteropError(str(e)) from None
     _check_state(state, expected_state(cfg.model), str(run_dir / WEIGHTS_FILE))
-    notes: list[str] = []
     dtype = state["embed.weight"].dtype
     hf_cfg = config_to_hf(cfg.model, family_name, notes, dtype)
     tensors = ours_to_hf(fam.KEYMAP, cfg.model, state, rope_interleave=True)
+    loaded = read_tokenizer(run_dir, "RUN")         # before writing anything: a bad one is refused
+    extra_files: dict[str, dict] = {}
+    if loaded is None:
+        notes.append(f"{run_dir} has no {TOKENIZER}; the folder has no tokenizer and no token ids")
+    else:
+        tok, text = loaded
+        check_fits(tok, cfg.model.vocab_size, str(run_dir / TOKENIZER))
+        specials = special_tokens(tok)
+        hf_cfg.update(config_token_ids(specials))
+        extra_files = tokenizer_files(text, specials, cfg.model.max_seq_len)
     with _Staging(out_dir) as tmp:
         write_json(tmp / HF_CONFIG, hf_cfg)
         shards = plan_shards(tensors, max_shard_bytes)
@@ -279,8 +343,10 @@ def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: str,
                 weight_map.update(dict.fromkeys(keys, name))
             total = sum(_nbytes(t) for t in tensors.values())
             write_json(tmp / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if not _copy_tokenizer(run_dir, tmp, extras=True):
-            notes.append(f"{run_dir} has no {TOKENIZER}; the folder has no tokenizer")
+        if loaded is not None:
+            write_text_atomic(tmp / TOKENIZER, loaded[1])
+            for name, obj in extra_files.items():
+                write_json(tmp / name, obj)
     return notes
 
 
