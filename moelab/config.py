@@ -592,8 +592,21 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
         *parents, leaf = key.split(".")
         for part in parents:
             node = node[part]
-        node[leaf] = _parse_value(value) if isinstance(value, str) else value
+        parsed = _parse_value(value) if isinstance(value, str) else value
+        if parsed is None and isinstance(value, str) and not _accepts_none(key):
+            parsed = value          # "none" is a word here (model.moe.layers = "none"), not null
+        node[leaf] = parsed
     return from_dict(Config, data)
+
+
+def _accepts_none(key: str) -> bool:
+    """Whether the field at dotted ``key`` is Optional."""
+    cls: Any = Config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cls = typing.get_type_hints(cls)[part]
+    hint = typing.get_type_hints(cls)[leaf]
+    return typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
 
 
 def _split(override: str) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """`moelab convert`: Hugging Face model folders <-> moelab run folders.
 
     moelab convert --from-hf HF_DIR --out RUN
-    moelab convert --to-hf RUN --out HF_DIR --family mixtral
+    moelab convert --to-hf RUN --out HF_DIR [--family mixtral]
 
 Nothing is written unless the whole conversion succeeds; bad input exits with status 2.
 """
@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
     src.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face model folder to import")
     src.add_argument("--to-hf", metavar="RUN", help="moelab run folder to export")
     p.add_argument("--out", required=True, help="destination folder (must not exist or be empty)")
-    p.add_argument("--family", choices=FAMILY_NAMES, help="Hugging Face family to export to (with --to-hf)")
+    p.add_argument("--family", choices=FAMILY_NAMES,
+                   help="Hugging Face family to export to (with --to-hf; default: the one the run was "
+                        "imported from, else the one its config maps to, e.g. llama for a dense model)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="with --to-hf: split weights into safetensors shards of at most SIZE "
                         "(e.g. 5GB, 500MB, bytes), with an index as transformers writes (default 5GB)")
@@ -33,7 +35,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moelab.commands import raise_user
     from moelab.interop import InteropError, export_hf, import_hf
-    from moelab.interop.hf import parse_size
+    from moelab.interop.hf import default_family, parse_size
     try:
         if args.from_hf:
             if args.family:
@@ -41,10 +43,11 @@ def run(args) -> int:
             notes = import_hf(args.from_hf, args.out)
             summary = {"imported": args.from_hf, "run": args.out}
         else:
+            family = args.family or default_family(args.to_hf)
+            notes = export_hf(args.to_hf, args.out, family, parse_size(args.max_shard_size))
             if not args.family:
-                raise_user(f"--to-hf needs --family ({', '.join(FAMILY_NAMES)})")
-            notes = export_hf(args.to_hf, args.out, args.family, parse_size(args.max_shard_size))
-            summary = {"exported": args.to_hf, "folder": args.out, "family": args.family}
+                notes.insert(0, f"family {family}: the family this run maps to (choose another with --family)")
+            summary = {"exported": args.to_hf, "folder": args.out, "family": family}
     except InteropError as e:
         raise_user(str(e))
     summary["notes"] = notes
