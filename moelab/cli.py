@@ -15,7 +15,7 @@ import sys
 from moelab.config import ConfigError
 
 # command name -> module in moelab.commands exposing add_parser(subparsers)
-COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan",
+COMMANDS = ["presets", "config", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan",
             "inspect"]
 
 
@@ -23,10 +23,32 @@ class UserError(Exception):
     """Bad input from the user: printed as 'error: ...' with exit status 2."""
 
 
+def _has_default(action: argparse.Action) -> bool:
+    from moelab.commands import has_default
+    return has_default(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command's parser (and its sub-commands') shows defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        from moelab.commands import HelpFormatter
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and action.option_strings and _has_default(action):
+            action.help = "(default: %(default)s)"      # argparse prints nothing for an option without help
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from moelab import __version__
+    parser = _Parser(
         prog="moelab",
         description="Build, train, compare, inspect and run Dense, MoE and Hybrid-MoE language models.")
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -48,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`moelab presets | head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -506,8 +506,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Union:
         args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None                 # TOML has no null: "none" stands for it
         errors = []
         for arg in args:
             if arg is type(None):

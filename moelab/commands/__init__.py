@@ -5,21 +5,47 @@ from __future__ import annotations
 import argparse
 
 
+def has_default(action: argparse.Action) -> bool:
+    """Whether --help should show the action's default (not for flags, lists or unset values)."""
+    d = action.default
+    return not (d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d)
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction)))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default (skipping the ones that have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not has_default(action) or "%(default)" in text or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """--preset / --config / --set, shared by every command that builds a config."""
     p.add_argument("--preset", help="preset name (see `moelab presets`)")
-    p.add_argument("--config", help="a config TOML file (instead of --preset)")
+    p.add_argument("--config", metavar="FILE",
+                   help="a config file instead of --preset: TOML, YAML (with PyYAML) or JSON, e.g. "
+                        "from `moelab config`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.moe.top_k=1 (repeatable)")
+                   help="override a config value, e.g. --set model.moe.top_k=1 (repeatable; keys "
+                        "in docs/config.md)")
 
 
 def config_from_args(args: argparse.Namespace):
     from moelab import resolve_config
     from moelab.config import Config
+    from moelab.config_files import load_config_file, looks_like_file
     if args.config and args.preset:
         raise_user("give --preset or --config, not both")
-    spec = args.config or args.preset
-    return resolve_config(spec if spec else Config(), args.overrides)
+    if args.preset and looks_like_file(args.preset):
+        raise_user(f"--preset {args.preset!r} looks like a file name: give a file with --config")
+    if args.config:
+        spec = load_config_file(args.config)        # always a file, never a preset name
+    else:
+        spec = args.preset or Config()
+    return resolve_config(spec, args.overrides)
 
 
 def raise_user(message: str):
