@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +25,7 @@ from typing import Optional, Union
 import torch
 
 from moelab.config import Config, ConfigError, ModelConfig, from_dict
-from moelab.fileio import write_text_atomic
+from moelab.fileio import temp_dir_beside, write_text_atomic
 from moelab.interop.errors import InteropError
 from moelab.interop.families import FAMILIES
 from moelab.interop.families.common import HFConfig
@@ -215,7 +214,7 @@ class _Staging:
         if self.dest.exists() and (not self.dest.is_dir() or any(self.dest.iterdir())):
             raise InteropError(f"{str(self.dest)!r} already exists and is not empty; choose a new --out")
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.dest.parent))
+        self.tmp = temp_dir_beside(self.dest)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
