@@ -8,6 +8,7 @@ that names the field or option, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -17,6 +18,10 @@ from moelab.config import ConfigError
 # command name -> module in moelab.commands exposing add_parser(subparsers)
 COMMANDS = ["presets", "config", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan",
             "inspect"]
+
+
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT,
+                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 class UserError(Exception):
@@ -70,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # a folder that cannot be written (read-only, missing parent, full disk, no permission) or
+        # a file that cannot be read: the user's to fix, so one line, not a traceback
+        if e.errno not in _USER_ERRNOS or e.strerror is None:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {where}{e.strerror}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # the reader went away (`moelab presets | head`): stop quietly, as Unix tools do
         devnull = os.open(os.devnull, os.O_WRONLY)

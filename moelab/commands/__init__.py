@@ -48,6 +48,29 @@ def config_from_args(args: argparse.Namespace):
     return resolve_config(spec, args.overrides)
 
 
+def check_device(text: str, option: str = "--device") -> str:
+    """``text`` when it names a device this machine has (cpu, cuda, cuda:N, mps), else a one-line
+    UserError naming the option (torch itself would raise an AssertionError deep in a load)."""
+    import torch
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise_user(f"{option} {text!r} is not a device: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+            raise_user(f"{option} {text}: no CUDA device is available{build}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise_user(f"{option} {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                       f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise_user(f"{option} {text}: no Apple GPU (MPS) is available; use --device cpu")
+    elif device.type != "cpu":
+        raise_user(f"{option} {text}: moelab runs on cpu, cuda or mps")
+    return text
+
+
 def raise_user(message: str):
     from moelab.cli import UserError
     raise UserError(message)

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def _check(args) -> None:
-    from moelab.commands import raise_user
+    from moelab.commands import check_device, raise_user
     for name in ("tokens", "d_model", "experts", "top_k", "expert_hidden", "rounds"):
         value = getattr(args, name)
         if value < 1:
@@ -38,10 +38,7 @@ def _check(args) -> None:
         raise_user(f"--top-k = {args.top_k} is invalid: must be <= --experts ({args.experts})")
     if args.threads is not None and args.threads < 1:
         raise_user(f"--threads = {args.threads} is invalid: must be > 0")
-    if args.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise_user("--device cuda: no CUDA device is available")
+    check_device(args.device)
 
 
 def run_moe(args) -> int:

@@ -213,8 +213,11 @@ class _Staging:
     def __enter__(self) -> Path:
         if self.dest.exists() and (not self.dest.is_dir() or any(self.dest.iterdir())):
             raise InteropError(f"{str(self.dest)!r} already exists and is not empty; choose a new --out")
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_dir_beside(self.dest)
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = temp_dir_beside(self.dest)
+        except OSError as e:
+            raise InteropError(f"cannot write {str(self.dest)!r}: {e.strerror} ({e.filename})") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
