@@ -68,6 +68,8 @@ def run(args) -> int:
             if checkpoint_dirs(run_dir):
                 raise_user(f"{str(run_dir)!r} already holds a run; use --resume {run_dir} or another --out")
             resume = False
+        from moelab.train.trackers import check_available
+        check_available(cfg.train.trackers)               # a missing wandb/mlflow: exit 2 now
         if args.nproc is not None:
             from moelab.parallel.launch import launch_torchrun
             return launch_torchrun(args.nproc, cfg, run_dir, _without_nproc(args.argv))
