@@ -71,6 +71,36 @@ def check_device(text: str, option: str = "--device") -> str:
     return text
 
 
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """--quiet / --log-file, for the commands that talk while they work."""
+    p.add_argument("--quiet", action="store_true",
+                   help="print only warnings, errors and results (no progress)")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="also append every message, with a timestamp, to FILE")
+
+
+# what --quiet still prints
+LOUD = ("warning", "error", "done:", "resumed", "stopped", "SIG")
+
+
+def message_sink(args: argparse.Namespace, hide: tuple[str, ...] = ()):
+    """The ``log`` callable for --quiet / --log-file (and messages to ``hide`` from the screen),
+    or None when neither applies (the command's own printing stands)."""
+    import sys
+    import time
+    if not (args.quiet or args.log_file or hide):
+        return None
+    log_file = open(args.log_file, "a", encoding="utf-8", buffering=1) if args.log_file else None
+
+    def log(message: str) -> None:
+        if log_file is not None:
+            log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        if message.startswith(hide) or (args.quiet and not message.startswith(LOUD)):
+            return
+        print(message, file=sys.stderr, flush=True)
+    return log
+
+
 def raise_user(message: str):
     from moelab.cli import UserError
     raise UserError(message)

@@ -86,6 +86,18 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def group_env(name: str) -> dict[str, str]:
+    """Variables that put every training run started with them in one wandb group and one MLflow
+    experiment called ``name`` (what ``moelab compare`` sets for its units), unless the user's
+    environment already names them."""
+    env = {}
+    if not os.environ.get("WANDB_RUN_GROUP"):
+        env["WANDB_RUN_GROUP"] = name
+    if not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
+        env["MLFLOW_EXPERIMENT_NAME"] = name
+    return env
+
+
 # ---------------------------------------------------------------------------------------------
 # the trackers
 # ---------------------------------------------------------------------------------------------
