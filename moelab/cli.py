@@ -16,8 +16,8 @@ import sys
 from moelab.config import ConfigError
 
 # command name -> module in moelab.commands exposing add_parser(subparsers)
-COMMANDS = ["presets", "config", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan",
-            "inspect"]
+COMMANDS = ["presets", "config", "info", "train", "eval", "convert", "compare", "generate", "bench",
+            "plan", "inspect"]
 
 
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT,
@@ -28,22 +28,33 @@ class UserError(Exception):
     """Bad input from the user: printed as 'error: ...' with exit status 2."""
 
 
-def _has_default(action: argparse.Action) -> bool:
-    from moelab.commands import has_default
-    return has_default(action)
+def has_default(action: argparse.Action) -> bool:
+    """Whether --help should show the action's default (not for flags, lists or unset values)."""
+    d = action.default
+    return not (d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d)
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction)))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default (skipping the ones that have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not has_default(action) or "%(default)" in text or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
     """Every command's parser (and its sub-commands') shows defaults in --help."""
 
     def __init__(self, *args, **kwargs):
-        from moelab.commands import HelpFormatter
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
-        if action.help is None and action.option_strings and _has_default(action):
+        if action.help is None and action.option_strings and has_default(action):
             action.help = "(default: %(default)s)"      # argparse prints nothing for an option without help
         return action
 

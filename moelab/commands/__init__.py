@@ -5,23 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-def has_default(action: argparse.Action) -> bool:
-    """Whether --help should show the action's default (not for flags, lists or unset values)."""
-    d = action.default
-    return not (d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d)
-                or isinstance(action, (argparse._HelpAction, argparse._VersionAction)))
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each option's default (skipping the ones that have none to show)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if not has_default(action) or "%(default)" in text or "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
-
-
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """--preset / --config / --set, shared by every command that builds a config."""
     p.add_argument("--preset", help="preset name (see `moelab presets`)")

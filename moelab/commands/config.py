@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from moelab.commands import HelpFormatter, add_config_args, config_from_args
+from moelab.commands import add_config_args, config_from_args
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("config", help="print the full resolved config (TOML, JSON or YAML)",
-                       formatter_class=HelpFormatter,
                        description="Print the config that --preset/--config plus --set resolve to, "
                                    "every key included, as a file that --config accepts back. "
                                    "Every key is described in docs/config.md.")
