@@ -203,6 +203,7 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
         rec = load_measurement(out_dir, unit)
         if "inspect" in rec:
             continue
+        progress(f"inspecting {unit['id']}: reading its held-out tokens", None)   # until routing starts
         try:
             rec["inspect"] = summary(unit["run_dir"], tokens=INSPECT_TOKENS, progress=progress)
         except InspectError:                       # a dense model: nothing routed
