@@ -2,10 +2,10 @@
 
 A phase that takes more than a couple of seconds must show it is alive. On a terminal each stage
 is a transient rich bar (a spinner for phases without a count). In a pipe or a log file a bar
-would be noise, so a line is printed when a stage starts and then at least every ``every``
-seconds while anything runs (the stage's count, or the phase's name and elapsed time), from a
+would be noise, so a stage that has run for ``delay`` seconds gets a line, and then another at
+least every ``every`` seconds while it runs (its count, or its name and elapsed time), from a
 background thread, so a single long step (one forward pass over many tokens, a plot) still gets
-its line.
+its line. Quick stages, and errors found in the first seconds, print nothing extra.
 
     with Progress("inspect") as progress:
         with progress.phase("reading the run and its held-out tokens"):
@@ -32,10 +32,10 @@ class Progress:
     ``with p.phase(title)`` marks an uncounted phase. ``enabled=False`` (``--quiet``) shows
     nothing; ``log`` receives the pipe lines (default: stderr)."""
 
-    def __init__(self, name: str, *, enabled: bool = True, every: float = 10.0,
+    def __init__(self, name: str, *, enabled: bool = True, every: float = 10.0, delay: float = 2.0,
                  log: Optional[Callable[[str], None]] = None, console=None):
         from rich.console import Console
-        self.name, self.enabled, self.every = name, enabled, every
+        self.name, self.enabled, self.every, self.delay = name, enabled, every, delay
         self.console = console or Console(stderr=True)
         self.terminal = self.enabled and self.console.is_terminal
         self._log = log or (lambda m: print(m, file=self.console.file, flush=True))
@@ -71,14 +71,13 @@ class Progress:
     def stage(self, title: str, total: Optional[int]) -> Callable[[int], None]:
         """Start a counted stage (ending the previous one); returns ``advance(n)``."""
         with self._lock:
-            self._current = {"title": title, "total": total, "done": 0, "start": time.monotonic()}
+            self._current = {"title": title, "total": total, "done": 0, "start": time.monotonic(),
+                             "said": None}       # when the pipe last got a line for this stage
             current = self._current
         if self._bar is not None:
             if self._task is not None:
                 self._bar.remove_task(self._task)
             self._task = self._bar.add_task(title, total=total)
-        elif self.enabled:
-            self._log(f"{self.name}: {title}" + (f" ({total:,})" if total else ""))
 
         def advance(n: int = 1) -> None:
             current["done"] += n
@@ -112,7 +111,16 @@ class Progress:
         return f"{self.name}: {c['title']}, {elapsed:.0f} s"
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.every):
-            text = self.line()
-            if text is not None:
-                self._log(text)
+        tick = min(0.25, self.delay, self.every)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                c = self._current
+                due = c is not None and (now - c["start"] >= self.delay if c["said"] is None
+                                         else now - c["said"] >= self.every)
+                if due:
+                    c["said"] = now
+            if due:
+                text = self.line()
+                if text is not None:
+                    self._log(text)

@@ -31,9 +31,10 @@ def test_compare_preamble_once_progress_and_one_experiment(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert text.count("data: corpus") == 1, text                  # two units, one preamble
-    for phase in ("compare: scoring trained models", "compare: timing inference",
-                  "compare: writing the report and plots"):
-        assert phase in text, phase
+    # announced phases, and the progress line of the one that always runs for seconds (12 timed
+    # inference rounds); quicker phases print a line only when they pass 2 s
+    assert "scoring 2 trained model(s)" in text and "measuring inference of 2 trained model(s)" in text
+    assert "compare: timing inference" in text
     log = (tmp_path / "cmp.log").read_text()
     assert "data: corpus" in log and "compare: timing inference" in log and "done: " in log
 

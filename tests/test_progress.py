@@ -1,5 +1,6 @@
-"""Long phases show progress: in a pipe, a line when a stage starts and then at least every
-`every` seconds while it runs, even inside one long step; nothing with --quiet."""
+"""Long phases show progress: in a pipe, a line once a stage has run `delay` seconds and then at
+least every `every` seconds while it runs, even inside one long step; nothing for quick stages or
+with --quiet."""
 
 import io
 import time
@@ -13,17 +14,30 @@ def _pipe() -> Console:
     return Console(file=io.StringIO(), force_terminal=False)
 
 
-def test_a_pipe_gets_a_line_per_stage_and_a_heartbeat():
+def test_a_pipe_gets_a_line_per_long_stage_and_a_heartbeat():
     lines = []
-    with Progress("inspect", every=0.05, log=lines.append, console=_pipe()) as p:
+    with Progress("inspect", every=0.1, delay=0.1, log=lines.append, console=_pipe()) as p:
+        p.stage("quick", 5)(5)                # over before the delay: no line
         advance = p.stage("routing", 100)
         advance(40)
-        time.sleep(0.3)                       # one long step: the heartbeat still speaks
+        time.sleep(0.6)                       # one long step: the heartbeat still speaks
         with p.phase("plots"):
-            time.sleep(0.2)
-    assert lines[0] == "inspect: routing (100)"
-    assert any(line.startswith("inspect: routing 40/100 (40%)") for line in lines)
-    assert "inspect: plots" in lines and any(line.startswith("inspect: plots, ") for line in lines)
+            time.sleep(0.4)
+    assert not any("quick" in line for line in lines)
+    routing = [line for line in lines if line.startswith("inspect: routing 40/100 (40%)")]
+    assert len(routing) >= 2                  # after the delay, then every `every` seconds
+    assert any(line.startswith("inspect: plots, ") for line in lines)
+
+
+def test_an_early_error_prints_no_progress_line():
+    lines = []
+    try:
+        with Progress("inspect", log=lines.append, console=_pipe()) as p:
+            p.stage("reading the run", None)
+            raise ValueError("bad run")
+    except ValueError:
+        pass
+    assert lines == []
 
 
 def test_quiet_prints_nothing():

@@ -67,9 +67,17 @@ class RunLogger:
 
     def open_tensorboard(self) -> None:
         """Start the trackers now if the config is known (their imports are then not counted as
-        training memory); otherwise they start with the first record."""
+        training memory); otherwise they start with the first record, and only TensorBoard, the
+        default, is imported now."""
+        if not self.writer:
+            return
         if self._config is not None or (self.run_dir / "config.json").is_file():
             self._open_trackers()
+            return
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except Exception:  # noqa: BLE001 - reported when the tracker starts
+            pass
 
     def _open_trackers(self) -> list:
         if self._trackers is not None or not self.writer:
