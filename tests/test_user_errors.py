@@ -20,6 +20,16 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def truncated(run, tmp_path_factory):
+    import shutil
+    folder = tmp_path_factory.mktemp("runs") / "truncated"
+    shutil.copytree(run, folder)
+    text = (folder / "tokenizer.json").read_text()
+    (folder / "tokenizer.json").write_text(text[: len(text) // 2])
+    return folder
+
+
+@pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
     (d / "binary.txt").write_bytes(bytes(range(128, 256)))
@@ -37,6 +47,7 @@ CASES = [
     pytest.param(["generate", "{run}", "--prompt", "x", "--device", "tpu"], "--device 'tpu'", id="generate-bad-device"),
     pytest.param(["generate", "{run}", "--prompt-file", "{files}/binary.txt"], "not UTF-8", id="prompt-file-binary"),
     pytest.param(["generate", "{run}", "--prompt-file", "{files}"], "not a file", id="prompt-file-folder"),
+    pytest.param(["generate", "{truncated}", "--prompt", "x"], "tokenizer.json", id="generate-truncated-tokenizer"),
     pytest.param(["bench", "moe", "--device", "cuda", "--tokens", "8"], "CUDA", marks=NO_CUDA, id="bench-cuda"),
     pytest.param(["info", "--preset", "dense", "--batch", "0"], "--batch = 0", id="info-batch-0"),
     pytest.param(["info", "--config", "{files}/x.ini"], "TOML or YAML", id="config-suffix"),
@@ -50,8 +61,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("argv,fragment", CASES)
-def test_one_line_exit_2(argv, fragment, run, files, capsys):
-    argv = [a.format(run=run, files=files) for a in argv]
+def test_one_line_exit_2(argv, fragment, run, files, truncated, capsys):
+    argv = [a.format(run=run, files=files, truncated=truncated) for a in argv]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err

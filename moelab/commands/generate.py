@@ -59,7 +59,10 @@ def _load(args):
     tok_path = Path(args.run) / TOKENIZER_FILE
     if not tok_path.is_file():
         raise_user(f"RUN: {args.run!r} has no {TOKENIZER_FILE}; generate needs the run's tokenizer")
-    return model, Tokenizer.from_file(str(tok_path))
+    try:
+        return model, Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # tokenizers raises a bare Exception for a damaged file
+        raise_user(f"RUN: {tok_path} is damaged or not a tokenizer.json (it does not load: {e})")
 
 
 def _prompt(args) -> str:

@@ -50,6 +50,16 @@ def test_a_missing_package_exits_2_naming_the_extra(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+def test_compare_groups_its_units_unless_the_user_named_a_group(monkeypatch):
+    from moelab.train.trackers import group_env
+    for name in ("WANDB_RUN_GROUP", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert group_env("moelab-cmp") == {"WANDB_RUN_GROUP": "moelab-cmp", "MLFLOW_EXPERIMENT_NAME": "moelab-cmp"}
+    monkeypatch.setenv("WANDB_RUN_GROUP", "mine")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "7")
+    assert group_env("moelab-cmp") == {}
+
+
 def _tb_scalars(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
@@ -63,6 +73,7 @@ def test_every_scalar_reaches_every_tracker(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_PROJECT", "moe-study")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "sweep-1")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "routing")
@@ -110,7 +121,7 @@ def test_every_scalar_reaches_every_tracker(tmp_path, monkeypatch):
     files = sorted((run / "wandb").glob(f"*run-*-{ids['wandb']['id']}/run-{ids['wandb']['id']}.wandb"))
     assert len(files) == 2                          # the first half and the resumed half
     info = run_info(files[0])
-    assert info["name"] == "mx-tiny" and info["project"] == "moe-study"
+    assert info["name"] == "mx-tiny" and info["project"] == "moe-study" and info["group"] == "sweep-1"
     assert info["config"]["model"]["moe"]["num_experts"] == 4
     # the resumed half is a second file of the same run id; together they hold every value
     logged = {}
