@@ -19,7 +19,11 @@ def add_parser(sub) -> None:
     m.add_argument("--experts", type=int, default=64)
     m.add_argument("--top-k", type=int, default=8)
     m.add_argument("--expert-hidden", type=int, default=256)
-    m.add_argument("--rounds", type=int, default=7, help="timed rounds per mode (after 2 warm-up)")
+    m.add_argument("--rounds", type=int, default=7,
+                   help="interleaved timing rounds per mode (after 2 warm-up calls each)")
+    m.add_argument("--min-time", type=float, default=0.05, metavar="SECONDS",
+                   help="per round and implementation: torch.utils.benchmark's blocked_autorange "
+                        "runs blocks of calls for at least this long")
     m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     m.add_argument("--device", default="cpu", help="cpu or cuda")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -90,36 +94,40 @@ def run_decode(args) -> int:
 
 
 def _check(args) -> None:
-    from moelab.commands import raise_user
+    from moelab.commands import check_device, raise_user
     for name in ("tokens", "d_model", "experts", "top_k", "expert_hidden", "rounds"):
         value = getattr(args, name)
         if value < 1:
             raise_user(f"--{name.replace('_', '-')} = {value} is invalid: must be > 0")
     if args.top_k > args.experts:
         raise_user(f"--top-k = {args.top_k} is invalid: must be <= --experts ({args.experts})")
+    if not args.min_time > 0:
+        raise_user(f"--min-time = {args.min_time} is invalid: must be > 0")
     if args.threads is not None and args.threads < 1:
         raise_user(f"--threads = {args.threads} is invalid: must be > 0")
-    if args.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise_user("--device cuda: no CUDA device is available")
+    check_device(args.device)
 
 
 def run_moe(args) -> int:
     _check(args)
     import torch
 
-    from moelab.benchmarking import Shape, environment, format_table, measure
+    from moelab.benchmarking import Shape, environment, faster_or_slower, format_table, measure
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = Shape(tokens=args.tokens, d_model=args.d_model, experts=args.experts, top_k=args.top_k,
                   expert_hidden=args.expert_hidden)
     result = measure(shape, rounds=args.rounds, device=args.device, dtype=getattr(torch, args.dtype),
-                     hf=not args.no_hf, memory=not args.no_memory, backend=args.backend)
+                     hf=not args.no_hf, memory=not args.no_memory, backend=args.backend,
+                     min_run_time=args.min_time)
     if args.json:
         print(json.dumps({"environment": environment(), **result}))
         return 0
     env = environment()
-    print(f"{shape.label()}  {args.dtype} on {args.device}, torch {env['torch']}, {env['threads']} threads")
+    print(f"{shape.label()}  {args.dtype} on {args.device}, torch {env['torch']}, {env['threads']} threads; "
+          f"median ± IQR over {args.rounds} interleaved rounds (torch.utils.benchmark)")
     print(format_table([result]))
+    for mode, m in result["modes"].items():
+        for name, ratio in m.get("speedup_vs", {}).items():
+            print(f"{mode}: moelab is {faster_or_slower(ratio)} than {name}")
     return 0

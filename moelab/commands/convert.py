@@ -1,7 +1,7 @@
 """`moelab convert`: Hugging Face model folders <-> moelab run folders.
 
     moelab convert --from-hf HF_DIR --out RUN
-    moelab convert --to-hf RUN --out HF_DIR --family mixtral
+    moelab convert --to-hf RUN --out HF_DIR [--family mixtral]
     moelab convert --to-gguf RUN_OR_HF_DIR --out model.gguf [--type bf16]   # llama.cpp (gguf extra)
 
 Nothing is written unless the whole conversion succeeds; bad input exits with status 2.
@@ -31,7 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--type", default=None, metavar="TYPE",
                    help="with --to-gguf: f32, f16, bf16 (default), q8_0, or through llama.cpp's quantiser "
                         "q4_0, q4_k_m, q5_k_m, q6_k")
-    p.add_argument("--family", choices=FAMILY_NAMES, help="Hugging Face family to export to (with --to-hf)")
+    p.add_argument("--family", choices=FAMILY_NAMES,
+                   help="Hugging Face family to export to (with --to-hf; default: the one the run was "
+                        "imported from, else the one its config maps to, e.g. llama for a dense model)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="with --to-hf: split weights into safetensors shards of at most SIZE "
                         "(e.g. 5GB, 500MB, bytes), with an index as transformers writes (default 5GB)")
@@ -42,7 +44,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moelab.commands import raise_user
     from moelab.interop import InteropError, export_hf, import_hf
-    from moelab.interop.folders import parse_size
+    from moelab.interop.folders import default_family, parse_size
     try:
         if args.type is not None and not args.to_gguf:
             raise_user("--type is for --to-gguf")
@@ -54,10 +56,11 @@ def run(args) -> int:
             notes = import_hf(args.from_hf, args.out)
             summary = {"imported": args.from_hf, "run": args.out}
         else:
+            family = args.family or default_family(args.to_hf)
+            notes = export_hf(args.to_hf, args.out, family, parse_size(args.max_shard_size))
             if not args.family:
-                raise_user(f"--to-hf needs --family ({', '.join(FAMILY_NAMES)})")
-            notes = export_hf(args.to_hf, args.out, args.family, parse_size(args.max_shard_size))
-            summary = {"exported": args.to_hf, "folder": args.out, "family": args.family}
+                notes.insert(0, f"family {family}: the family this run maps to (choose another with --family)")
+            summary = {"exported": args.to_hf, "folder": args.out, "family": family}
     except InteropError as e:
         raise_user(str(e))
     summary["notes"] = notes

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from moelab.commands import raise_user
+from moelab.commands import check_device, raise_user
 
 
 def add_parser(sub) -> None:
@@ -80,8 +80,13 @@ def _prompt(args) -> str:
         return args.prompt
     path = Path(args.prompt_file)
     if not path.is_file():
-        raise_user(f"--prompt-file {args.prompt_file!r} does not exist")
-    return path.read_text(encoding="utf-8")
+        raise_user(f"--prompt-file {args.prompt_file!r} does not exist or is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise_user(f"--prompt-file {args.prompt_file!r} is not UTF-8 text (byte {e.start}: {e.reason})")
+    except OSError as e:
+        raise_user(f"--prompt-file {args.prompt_file!r} cannot be read: {e.strerror}")
 
 
 def _experts_line(token_text: str, experts, moe_layers: list[int]) -> str:
@@ -146,6 +151,7 @@ def run(args) -> int:
     except GenerationError as e:
         raise_user(e.for_cli())
     prompt = _prompt(args)
+    check_device(args.device)
     engine = None
     if args.engine == "llama.cpp":
         steps, tokenizer, engine = _llamacpp_steps(args, opts, prompt)

@@ -184,7 +184,7 @@ def setup(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: b
     from moelab.data import objective_batches, prepare_data
 
     t_cfg, layout, device = cfg.train, runtime.layout, runtime.device
-    logger = RunLogger(run_dir, show_progress=show_progress, log=log, writer=layout.is_main)
+    logger = RunLogger(run_dir, show_progress=show_progress, log=log, writer=layout.is_main, config=cfg)
     files = RunFolderWriter(run_dir, layout.is_main)
     point = _resume_point(run_dir, strict_resume, runtime, logger) if resume else None
     torch.manual_seed(t_cfg.seed)
