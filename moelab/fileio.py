@@ -121,3 +121,19 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
         atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
     except SafetensorError as e:
         raise OSError(None, str(e), str(path)) from None
+
+
+class JSONFileError(ValueError):
+    """A file that should hold a JSON object does not; the message names the file and why."""
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in ``path``; JSONFileError (naming the file) when it is not valid JSON,
+    not UTF-8 or not an object. The file must exist (callers say what a missing one means)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JSONFileError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise JSONFileError(f"{path} does not hold a JSON object")
+    return data

@@ -23,6 +23,7 @@ from typing import Optional, Union
 import torch
 
 from moelab.config import Config, ConfigError, ModelConfig, from_dict
+from moelab.fileio import JSONFileError, read_json_object
 from moelab.interop.errors import InteropError
 from moelab.interop.families import FAMILIES
 from moelab.interop.families.common import HFConfig
@@ -175,12 +176,9 @@ def read_hf_config(folder: PathLike) -> dict:
     if not path.is_file():
         raise InteropError(f"{str(folder)!r} is not a Hugging Face model folder (no {HF_CONFIG})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InteropError(f"{folder / HF_CONFIG} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InteropError(f"{folder / HF_CONFIG} does not hold a JSON object")
-    return data
+        return read_json_object(path)
+    except JSONFileError as e:
+        raise InteropError(str(e)) from None
 
 
 def _mtp_keys(keys: set[str], n_layers: int) -> set[str]:
