@@ -57,7 +57,7 @@ def _command() -> str:
     return "moelab search " + " ".join(shlex.quote(a) for a in sys.argv[2:])
 
 
-def _new_settings(args) -> tuple[dict, Path]:
+def new_settings(args) -> tuple[dict, Path]:
     """Every input checked before any trial: base config, budget, space, counts, storage name."""
     from moelab import resolve_config
     from moelab.compare.plan import parse_budget
@@ -123,44 +123,11 @@ def _options_given(args) -> list[str]:
             for k, v in defaults.items() if getattr(args, k) != v]
 
 
-def _context(settings: dict, out_dir: Path, interrupts):
-    """The worker's shared trial settings, rebuilt from search.json."""
-    from moelab import resolve_config
-    from moelab.compare.plan import Budget, budget_overrides
-    from moelab.search.objective import TrialContext
-    from moelab.search.space import space_from_dict
-    base = resolve_config(settings["base"], settings["overrides"])
-    if base.to_dict() != settings["base_config"]:
-        raise_user(f"the base config {settings['base']!r} changed since this search started (a preset "
-                   f"or file edited?); the search keeps training what it started with only if they agree")
-    t = base.train
-    train_overrides = budget_overrides(Budget(tokens=settings["budget_tokens"]), t.batch_size, t.seq_len)
-    train_overrides += ["train.keep_checkpoints=1"]          # a finished trial keeps its final state only
-    spec = settings["base"]
-    base_args = (["--config", spec] if spec.endswith(".toml") else ["--preset", spec]) \
-        + sum((["--set", o] for o in settings["overrides"]), [])
-    return TrialContext(out_dir=out_dir, base=base, base_args=base_args,
-                        space=space_from_dict(settings["space"], settings["n_layers"]),
-                        target_active=settings["target_active_params"], budget_tokens=settings["budget_tokens"],
-                        train_overrides=train_overrides, steps=settings["steps_per_run"], seeds=settings["seeds"],
-                        objective=settings["objective"], interrupts=interrupts, log=_log)
-
-
-def _eval_every(train_overrides: list[str]) -> int:
-    return next(int(o.split("=")[1]) for o in train_overrides if o.startswith("train.eval_every="))
-
-
 def run(args) -> int:
     from moelab.search import require_optuna
     require_optuna()                                          # before anything else: exit 2 naming the extra
-    from moelab.compare.run import CompareStopped
-    from moelab.lock import FolderLock, FolderLockedError
-    from moelab.search import report
-    from moelab.search.retrain import RETRAIN_DIR, retrain
-    from moelab.search.study import (load_settings, open_study, public_url, reference_speed, run_worker,
-                                     storage_url, write_settings)
-    from moelab.search.trialrun import Interrupts
-    from moelab.train.stop import EXIT_STOPPED
+    from moelab.search.driver import SearchError, run_search
+    from moelab.search.study import load_settings, public_url, storage_url, write_settings
 
     if args.resume:
         given = _options_given(args)
@@ -169,7 +136,7 @@ def run(args) -> int:
         out_dir = Path(args.resume)
         settings = load_settings(out_dir)
     else:
-        settings, out_dir = _new_settings(args)
+        settings, out_dir = new_settings(args)
     _log(f"search: {settings['trials']} trials of {settings['budget_tokens']:,} tokens "
          f"({settings['steps_per_run']} steps) on {settings['base']}, {settings['target_active_params']:,} "
          f"active parameters each; study {settings['study']!r} in {public_url(storage_url(settings, out_dir))}; "
@@ -179,64 +146,10 @@ def run(args) -> int:
         return 0
     if not args.resume:
         write_settings(settings, out_dir)
-    with Interrupts(log=_log) as interrupts:
-        ctx = _context(settings, out_dir, interrupts)
-        study, created = open_study(settings, out_dir, ctx.steps, _eval_every(ctx.train_overrides))
-        try:
-            if settings["objective"] == "loss_at_time":
-                unit = {"id": "reference-speed", "run_dir": str(out_dir / "reference-speed"),
-                        "train_args": ctx.base_args + sum((["--set", o] for o in _reference_overrides(ctx)), [])}
-                ctx.reference_tokens_per_s = reference_speed(study, created, unit, out_dir, interrupts, _log)
-            result = run_worker(ctx, study, settings["trials"], _log) if not interrupts.requested else None
-        except RuntimeError as e:
-            raise_user(str(e))
-        if result is None or result.stopped:
-            report.build(study, settings, out_dir, None)
-            print(f"search stopped (the trial in training kept its checkpoint); continue with: "
-                  f"moelab search --resume {out_dir}", file=sys.stderr)
-            return EXIT_STOPPED
-        retrained = None
-        if result.running_elsewhere:
-            _log(f"trials {result.running_elsewhere} are still running in other workers: interim report; "
-                 f"when they finish, `moelab search --resume {out_dir}` retrains the best and writes the final one")
-        elif settings["retrain_seeds"] and study.get_trials(deepcopy=False, states=_complete()):
-            try:
-                lock = FolderLock(out_dir / RETRAIN_DIR, "search retrain").acquire()
-            except FolderLockedError as e:
-                _log(f"retrain skipped here: {e}")
-                lock = None
-            if lock is not None:
-                try:
-                    best_arch = study.best_trial.user_attrs["arch"]
-                    measure = "val_loss" if settings["objective"] == "loss" else "val_loss_at_equal_time"
-                    retrained = retrain(out_dir, ctx.base, best_arch, settings["target_active_params"],
-                                        settings["budget"], settings["retrain_seeds"], measure, _log)
-                except CompareStopped:
-                    report.build(study, settings, out_dir, None)
-                    print(f"search stopped during the retrain; continue with: moelab search --resume {out_dir}",
-                          file=sys.stderr)
-                    return EXIT_STOPPED
-                except RuntimeError as e:
-                    raise_user(str(e))
-                finally:
-                    lock.release()
-    payload = report.build(study, settings, out_dir, retrained)
-    report.print_summary(payload, out_dir)
-    return 0
-
-
-def _complete():
-    from optuna.trial import TrialState
-    return (TrialState.COMPLETE,)
-
-
-def _reference_overrides(ctx) -> list[str]:
-    """A short run of the base model for its tokens/s: the same batch, ``REFERENCE_STEPS`` steps."""
-    from moelab.search.study import REFERENCE_STEPS
-    t = ctx.base.train
-    tokens = min(ctx.budget_tokens, REFERENCE_STEPS * t.batch_size * t.seq_len * t.grad_accum)
-    return [f"train.max_tokens={tokens}", f"train.max_steps={REFERENCE_STEPS}", "train.log_every=1",
-            f"train.eval_every={REFERENCE_STEPS}", "train.keep_checkpoints=1", f"train.seed={ctx.seeds[0]}"]
+    try:
+        return run_search(settings, out_dir, log=_log)
+    except SearchError as e:
+        raise_user(str(e))
 
 
 def _dry_run(settings: dict) -> None:

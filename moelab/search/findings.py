@@ -107,7 +107,7 @@ def _retrain_lines(p: dict) -> list[str]:
         lines.append(f"The best pattern beats every fixed pattern beyond seed noise at this budget ({n} seeds).")
     elif judged:
         not_ahead = [f"{v['against']} ({v['verdict']})" for v in judged if v["verdict"] != "ahead"]
-        lines.append(f"The best pattern does **not** beat every fixed pattern beyond seed noise: not ahead of "
+        lines.append("The best pattern does **not** beat every fixed pattern beyond seed noise: not ahead of "
                      + ", ".join(not_ahead) + (f"; ahead of {', '.join(ahead)}" if ahead else "") + ".")
     return lines
 

@@ -60,6 +60,7 @@ def trial_rows(study, n_layers: int, target: int) -> tuple[list[dict], list[dict
             "val_curve": res.get("val_curve", []),
             "params": t.params,
             "worker": t.user_attrs.get("worker", {}).get("host"),
+            "worker_out_dir": t.user_attrs.get("worker", {}).get("out_dir"),
         })
     return rows, failed, running
 
@@ -71,10 +72,10 @@ def importances(study, complete: int) -> dict:
     if complete < 3:
         return {"values": {}, "evaluator": None, "trials": complete,
                 "note": f"not computed: {complete} complete trial(s), at least 3 needed"}
-    try:
-        import sklearn  # noqa: F401
+    import importlib.util
+    if importlib.util.find_spec("sklearn") is not None:
         evaluator, name = optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA"
-    except ImportError:
+    else:
         evaluator, name = optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA"
     try:
         values = optuna.importance.get_param_importances(study, evaluator=evaluator)
