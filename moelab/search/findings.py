@@ -13,7 +13,8 @@ EARLY, LATE = 0.4, 0.6       # MoE-layer centroid (0 = first layer, 1 = last) be
 
 
 def pareto_front(rows: list[dict], key: str, higher_is_better: bool) -> list[int]:
-    """Trial numbers no other complete trial beats on both validation loss and ``key``."""
+    """Trial numbers no other complete trial beats on both validation loss and ``key``, by
+    increasing ``key``."""
     done = [r for r in rows if r["state"] == "complete" and r.get(key) is not None]
     sign = -1 if higher_is_better else 1
     front = []
@@ -22,7 +23,7 @@ def pareto_front(rows: list[dict], key: str, higher_is_better: bool) -> list[int
                         and (o["val_loss"] < r["val_loss"] or sign * o[key] < sign * r[key]) for o in done)
         if not dominated:
             front.append(r["number"])
-    return sorted(front, key=lambda n: next(sign * r[key] for r in done if r["number"] == n))
+    return sorted(front, key=lambda n: next(r[key] for r in done if r["number"] == n))
 
 
 def placement(moe_layers: list[int], n_layers: int) -> str:
