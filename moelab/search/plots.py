@@ -37,8 +37,7 @@ def patterns(rows: list[dict], n_layers: int, out_dir: Path) -> Path:
             grid[y][layer] = math.log2(e)
     h = max(2.4, 0.32 * len(ordered) + 1.2)
     fig, ax = plt.subplots(figsize=(max(4.8, 0.7 * n_layers + 3.8), h), dpi=110)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
     ax.imshow(grid, aspect="auto", cmap=cmap, norm=colors.Normalize(0, math.log2(most)))
     for y, r in enumerate(ordered):
         for layer, e in zip(r["moe_layers"], r["experts_per_layer"]):
