@@ -184,3 +184,22 @@ def test_pruned_trials_appear_pruned_with_the_step_they_stopped_at(tmp_path):
     study = optuna.load_study(study_name="moelab-search", storage=f"sqlite:///{out.resolve() / 'search.db'}")
     for t in study.get_trials():
         assert t.state.name == "PRUNED" and min(t.intermediate_values) <= t.user_attrs["result"]["pruned_at_step"]
+
+
+def test_loss_at_time_scores_each_trial_at_the_base_models_time(tmp_path):
+    from moelab.search.objective import score_at_time
+    out = tmp_path / "s"
+    assert main(["search", "--trials", "2", "--budget-per-trial", "2k", "--retrain-seeds", "0", "--objective",
+                 "loss_at_time", "--pruner", "none", "--out", str(out), *_set(TINY)]) == 0
+    res = _results(out)
+    ref = json.loads((out / "reference-speed" / "summary.json").read_text())["tokens_per_s"]
+    assert res["reference_tokens_per_s"] == pytest.approx(ref)
+    for r in res["trials"]:
+        if r["duplicate_of"] is not None:
+            continue
+        (run_dir,) = r["run_dirs"]
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        evals = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if e["kind"] == "eval"]
+        expected = score_at_time(evals, summary["tokens_per_s"], ref, res["budget_tokens"])
+        assert r["value"] == pytest.approx(expected) and r["val_loss_at_time"] == pytest.approx(expected)

@@ -150,3 +150,12 @@ def test_metrics_follower_reads_each_eval_once_across_a_resume_rewrite(tmp_path)
     with open(path, "a") as f:
         f.write(rec("train", 3) + rec("eval", 4, 0.5) + rec("eval", 6))
     assert [r["step"] for r in follow.poll()] == [6]
+
+
+def test_score_at_time_reads_the_curve_at_the_tokens_reached_in_the_base_models_time():
+    from moelab.search.objective import score_at_time
+    evals = [{"tokens": t, "val_loss": loss} for t, loss in ((0, 8.0), (500, 6.0), (1000, 5.0))]
+    assert score_at_time(evals, 100.0, 100.0, 1000) == pytest.approx(5.0)      # as fast: full budget
+    assert score_at_time(evals, 50.0, 100.0, 1000) == pytest.approx(6.0)       # half as fast: 500 tokens
+    assert score_at_time(evals, 75.0, 100.0, 1000) == pytest.approx(5.5)
+    assert score_at_time(evals, 300.0, 100.0, 1000) == pytest.approx(5.0)      # faster: not extrapolated
