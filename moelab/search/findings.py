@@ -41,9 +41,9 @@ def placement(moe_layers: list[int], n_layers: int) -> str:
 def _arch(r: dict) -> str:
     if not r["moe_layers"]:
         return "all-dense"
-    return (f"MoE in layers {r['moe_layers']} with {r['experts_per_layer']} routed experts, top-{r['top_k']}, "
-            f"granularity {r['granularity']}, {r['shared_experts']} shared, expert width "
-            f"{r['expert_hidden']} ({r['expert_width_fraction']:.2f} of the dense FFN)")
+    return (f"MoE in layers {r['moe_layers']} with {r['experts_per_layer']} routed experts, each token sent "
+            f"to {r['top_k']} of them (granularity {r['granularity']}), {r['shared_experts']} shared, expert "
+            f"width {r['expert_hidden']} ({r['expert_width_fraction']:.2f} of the dense FFN)")
 
 
 def _scope(p: dict, rows: list[dict]) -> str:
@@ -114,12 +114,13 @@ def _retrain_lines(p: dict) -> list[str]:
 
 
 def _speed_line(rows: list[dict]) -> Optional[str]:
-    done = [r for r in rows if r["state"] == "complete" and r["tokens_per_s"]]
+    done = [r for r in rows if r["tokens_per_s"] and r.get("duplicate_of") is None]   # pruned runs measured too
     dense = [r["tokens_per_s"] for r in done if not r["moe_layers"]]
     sparse = [r["tokens_per_s"] for r in done if r["moe_layers"]]
     if not sparse:
         return None
-    text = f"Training speed: trials with MoE layers ran at median {statistics.median(sparse):,.0f} tokens/s"
+    text = (f"Training speed (complete and pruned trials): trials with MoE layers ran at median "
+            f"{statistics.median(sparse):,.0f} tokens/s")
     if dense:
         text += (f", all-dense trials at {statistics.median(dense):,.0f} "
                  f"({statistics.median(sparse) / statistics.median(dense):.2f}x)")
