@@ -113,6 +113,21 @@ def _retrain_lines(p: dict) -> list[str]:
     return lines
 
 
+def _pruned_line(rows: list[dict], best: dict) -> Optional[str]:
+    """How far behind the best trial each pruned trial was at its last reported evaluation."""
+    at = {int(c[0]): c[3] for c in best.get("val_curve") or []}
+    gaps = []
+    for r in rows:
+        if r["state"] == "pruned" and r["val_curve"] and int(r["val_curve"][-1][0]) in at:
+            step, loss = int(r["val_curve"][-1][0]), r["val_curve"][-1][3]
+            gaps.append((r["number"], step, loss - at[step]))
+    if not gaps:
+        return None
+    return ("Pruned trials against the best trial at the evaluation they were last judged on: "
+            + ", ".join(f"#{n} {g:+.3f} at step {s}" for n, s, g in gaps) + " (nats; the pruner compares "
+            "trials at equal steps, so these are the gaps it acted on).")
+
+
 def _speed_line(rows: list[dict]) -> Optional[str]:
     done = [r for r in rows if r["tokens_per_s"] and r.get("duplicate_of") is None]   # pruned runs measured too
     dense = [r["tokens_per_s"] for r in done if not r["moe_layers"]]
@@ -155,6 +170,9 @@ def all_findings(p: dict) -> list[str]:
     shares = _layer_shares(rows, n_layers)
     if shares:
         lines.append(shares)
+    pruned = _pruned_line(rows, b)
+    if pruned:
+        lines.append(pruned)
     lines += _retrain_lines(p)
     for key, words in (("total_params", "total parameters"), ("tokens_per_s", "measured tokens/s")):
         front = p["pareto"][key]
