@@ -50,15 +50,18 @@ def _scope(p: dict, rows: list[dict]) -> str:
     done = [r for r in rows if r["state"] == "complete"]
     pruned = [r for r in rows if r["state"] == "pruned"]
     dev = max((abs(r["active_params"] / p["target_active_params"] - 1) for r in rows), default=0.0)
-    text = (f"{len(rows) + len(p['failed'])} of {p['trials_requested']} trials: {len(done)} trained to the "
-            f"budget, {len(pruned)} pruned")
+    dups = [r for r in done if r.get("duplicate_of") is not None]
+    done = [r for r in done if r.get("duplicate_of") is None]
+    text = (f"{len(done) + len(pruned) + len(p['failed'])} of {p['trials_requested']} trials: {len(done)} "
+            f"trained to the budget, {len(pruned)} pruned")
     if pruned:
         text += f" (at steps {', '.join(str(r['pruned_at_step']) for r in sorted(pruned, key=lambda r: r['number']))} of {p['steps_per_run']})"
     if p["failed"]:
         text += f", {len(p['failed'])} not trained (" + "; ".join(f"#{f['number']}: {f['reason']}" for f in p["failed"][:3]) + ")"
-    dups = [r for r in done if r.get("duplicate_of") is not None]
     if dups:
-        text += f", {len(dups)} a repeat of an earlier trial's model (result reused)"
+        numbers = ", ".join(f"#{r['number']}" for r in dups)
+        text += (f"; besides, TPE proposed an already trained model {len(dups)} time(s) ({numbers}): "
+                 f"those reused its result, trained nothing and do not count")
     return text + (f". Every trained candidate is within {100 * dev:.2f}% of the budget's "
                    f"{p['target_active_params']:,} active parameters.")
 

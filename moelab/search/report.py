@@ -16,6 +16,7 @@ from moelab.search import plots
 from moelab.search.candidate import TOLERANCE
 from moelab.search.findings import all_findings, pareto_front
 from moelab.search.retrain import candidate_of
+from moelab.search.study import BEYOND
 
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned"}
 
@@ -31,7 +32,7 @@ def trial_rows(study, n_layers: int, target: int) -> tuple[list[dict], list[dict
             continue
         if name == "FAIL":
             reason = t.user_attrs.get("fail_reason", "failed")
-            if not reason.startswith("beyond --trials"):
+            if not reason.startswith(BEYOND):
                 failed.append({"number": t.number, "reason": reason})
             continue
         if name not in STATE_NAMES or "arch" not in t.user_attrs:

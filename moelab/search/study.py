@@ -8,8 +8,9 @@ that joins a study with other settings is refused, naming the first one that dif
 Storage: any Optuna RDB URL; by default ``sqlite:///DIR/search.db``. Several processes or machines
 pointed at one URL and study name share the study: each asks Optuna for the next trial, and trial
 numbers come from the storage, so no two workers train the same trial. A worker stops asking once
-the study holds ``--trials`` trials; a trial numbered beyond that (two workers asking at the same
-moment) is marked failed at once and never trained.
+the study holds ``--trials`` trials that count (a trial that reused an earlier one's result does
+not); a trial asked when the trials before it already make the count (two workers asking at the
+same moment) is marked failed at once and never trained.
 
 Resume: a worker holds an OS lock (``DIR/claims/trial-NNNN/.lock``) on every trial it trains. A
 trial the study lists as running whose worker was this folder's and whose lock is free lost its
@@ -203,6 +204,17 @@ class WorkerResult:
     running_elsewhere: list[int]
 
 
+BEYOND = "beyond --trials"
+
+
+def counts_toward(t) -> bool:
+    """Whether a trial counts toward --trials: not one that reused an earlier trial's result (TPE
+    proposing a model already trained to the end), nor one asked beyond the count. Repeats are
+    capped: a worker stops at 2 x --trials trials in all."""
+    return ((t.user_attrs.get("result") or {}).get("duplicate_of") is None
+            and not t.user_attrs.get("fail_reason", "").startswith(BEYOND))
+
+
 def _claim(out_dir: Path, number: int):
     from moelab.lock import FolderLock
     return FolderLock(out_dir / CLAIMS_DIR / f"trial-{number:04d}", "search trial")
@@ -241,13 +253,16 @@ def run_worker(ctx, study, trials: int, log: Callable[[str], None]) -> WorkerRes
                 claim.release()
         failures = 0
         while not ctx.interrupts.requested:
-            if len(study.get_trials(deepcopy=False)) >= trials:
+            existing = study.get_trials(deepcopy=False)
+            if sum(map(counts_toward, existing)) >= trials or len(existing) >= 2 * trials:
                 break
             trial = study.ask()
             trial.set_user_attr("worker", worker_attr(ctx.out_dir))
-            if trial.number >= trials:
-                trial.set_user_attr("fail_reason", f"beyond --trials {trials} (asked at the same "
-                                                   f"moment as another worker); not trained")
+            # numbers come from the storage: the trials before this one decide whether it is needed
+            earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+            if sum(map(counts_toward, earlier)) >= trials or trial.number >= 2 * trials:
+                trial.set_user_attr("fail_reason", f"{BEYOND} {trials} (asked at the same moment as "
+                                                   f"another worker); not trained")
                 study.tell(trial, state=TrialState.FAIL)
                 break
             claim = _claim(ctx.out_dir, trial.number).acquire()
