@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
                    help="prune trials on their validation losses at each evaluation (default hyperband)")
     p.add_argument("--out", help="search folder (default runs/search-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue a search (or join it as one more worker)")
+    p.add_argument("--report-only", action="store_true",
+                   help="with --resume: rewrite the report from the study as it stands; train nothing")
     p.add_argument("--dry-run", action="store_true", help="print the settings, the space and the fixed "
                                                           "patterns' sizes, and stop before training")
     p.set_defaults(func=run)
@@ -126,9 +128,11 @@ def _options_given(args) -> list[str]:
 def run(args) -> int:
     from moelab.search import require_optuna
     require_optuna()                                          # before anything else: exit 2 naming the extra
-    from moelab.search.driver import SearchError, run_search
+    from moelab.search.driver import SearchError, run_search, write_report
     from moelab.search.study import load_settings, public_url, storage_url, write_settings
 
+    if args.report_only and not args.resume:
+        raise_user("--report-only rewrites the report of an existing search: give --resume DIR")
     if args.resume:
         given = _options_given(args)
         if given:
@@ -147,6 +151,8 @@ def run(args) -> int:
     if not args.resume:
         write_settings(settings, out_dir)
     try:
+        if args.report_only:
+            return write_report(settings, out_dir, log=_log)
         return run_search(settings, out_dir, log=_log)
     except SearchError as e:
         raise_user(str(e))

@@ -52,6 +52,31 @@ def reference_overrides(ctx) -> list[str]:
             f"train.eval_every={REFERENCE_STEPS}", "train.keep_checkpoints=1", f"train.seed={ctx.seeds[0]}"]
 
 
+def write_report(settings: dict, out_dir: Path, log: Callable[[str], None] = print) -> int:
+    """Rewrite the report from the study as it stands, training nothing: with the retrain's
+    numbers when that retrain is complete."""
+    from optuna.trial import TrialState
+    from moelab.search import report
+    from moelab.search.retrain import retrain
+    from moelab.search.study import open_study
+    from moelab.search.trialrun import Interrupts
+    ctx = context(settings, out_dir, Interrupts(log=log), log)
+    study, _ = open_study(settings, out_dir, ctx.steps, eval_every(ctx.train_overrides))
+    retrained = None
+    if settings["retrain_seeds"] and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) \
+            and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        measure = "val_loss" if settings["objective"] == "loss" else "val_loss_at_equal_time"
+        try:
+            retrained = retrain(out_dir, ctx.base, study.best_trial.user_attrs["arch"],
+                                settings["target_active_params"], settings["budget"], settings["retrain_seeds"],
+                                measure, log, train=False)
+        except RuntimeError as e:
+            raise SearchError(str(e)) from None
+    payload = report.build(study, settings, out_dir, retrained)
+    report.print_summary(payload, out_dir)
+    return 0
+
+
 def run_search(settings: dict, out_dir: Path, *, pruner=None, log: Callable[[str], None] = print) -> int:
     """Work on the search in ``out_dir`` (its search.json written); returns the exit status: 0, or
     75 when a signal stopped it (``--resume`` continues). ``pruner`` replaces the settings' one

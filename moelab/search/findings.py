@@ -15,7 +15,8 @@ EARLY, LATE = 0.4, 0.6       # MoE-layer centroid (0 = first layer, 1 = last) be
 def pareto_front(rows: list[dict], key: str, higher_is_better: bool) -> list[int]:
     """Trial numbers no other complete trial beats on both validation loss and ``key``, by
     increasing ``key``."""
-    done = [r for r in rows if r["state"] == "complete" and r.get(key) is not None]
+    done = [r for r in rows if r["state"] == "complete" and r.get(key) is not None
+            and r.get("duplicate_of") is None]
     sign = -1 if higher_is_better else 1
     front = []
     for r in done:
@@ -67,7 +68,8 @@ def _scope(p: dict, rows: list[dict]) -> str:
 
 
 def _layer_shares(rows: list[dict], n_layers: int) -> Optional[str]:
-    done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: r["value"])
+    done = sorted((r for r in rows if r["state"] == "complete" and r.get("duplicate_of") is None),
+                  key=lambda r: r["value"])
     if len(done) < 4:
         return None
     top = done[:max(2, math.ceil(len(done) / 4))]
@@ -93,7 +95,8 @@ def _retrain_lines(p: dict) -> list[str]:
     lines.append(f"Retrained at fresh seeds {', '.join(map(str, rt['seeds']))}, the best pattern scores "
                  f"{best['val_loss']:.4f}{sd} against {p['best']['val_loss']:.4f} in the search "
                  f"({best['val_loss'] - p['best']['val_loss']:+.4f}: it was picked as the lowest of "
-                 f"{sum(r['state'] == 'complete' for r in p['trials'])} noisy losses, so part of its "
+                 f"{sum(r['state'] == 'complete' and r.get('duplicate_of') is None for r in p['trials'])} "
+                 f"noisy losses, so part of its "
                  f"search lead is the luck of its seed).")
     words = []
     for v in rt["verdicts"]:
@@ -153,7 +156,8 @@ def _speed_line(rows: list[dict]) -> Optional[str]:
 def all_findings(p: dict) -> list[str]:
     rows, n_layers = p["trials"], p["n_layers"]
     lines = [_scope(p, rows)]
-    done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: r["value"])
+    done = sorted((r for r in rows if r["state"] == "complete" and r.get("duplicate_of") is None),
+                  key=lambda r: r["value"])
     if not done:
         return lines + ["No trial finished: nothing to report on."]
     b = p["best"]

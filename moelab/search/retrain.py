@@ -46,40 +46,48 @@ def patterns(base: Config, best_arch: dict, target: int) -> list[tuple[str, Cand
     return out
 
 
-def _write_models(rows, models_dir: Path) -> tuple[list[str], list[str]]:
-    """Config files for compare; returns (their paths, the ``key=none`` overrides they need)."""
+def _model_files(rows) -> tuple[dict[str, str], list[str]]:
+    """Config files for compare, by name; and the ``key=none`` overrides they need."""
     from moelab.search.tomlfile import config_toml
-    models_dir.mkdir(parents=True, exist_ok=True)
-    specs, nones = [], None
+    files, nones = {}, None
     for name, cand, cfg, aliases in rows:
         text, none_overrides = config_toml(cfg)
         head = (f"# {name}" + (f" (also {', '.join(aliases)})" if aliases else "")
                 + f": layers [{describe_row(cand, cfg.model.n_layers)}] ('.' dense, else routed experts), "
                 f"written by moelab search\n")
-        path = models_dir / f"{name}.toml"
-        path.write_text(head + text, encoding="utf-8")
-        specs.append(str(path))
+        files[name] = head + text
         nones = none_overrides if nones is None else nones
-    return specs, nones or []
+    return files, nones or []
 
 
 def retrain(out_dir: Path, base: Config, best_arch: dict, target: int, budget_text: str, seeds: list[int],
-            measure: str, log: Callable[[str], None] = print) -> Optional[dict]:
+            measure: str, log: Callable[[str], None] = print, *, train: bool = True) -> Optional[dict]:
     """Train (or continue) the retrain compare and return its summary for the search report:
     per pattern its losses over seeds, and the paired verdict of the best against each fixed
-    pattern on ``measure`` ("val_loss", or "val_loss_at_equal_time" for --objective loss_at_time)."""
-    from moelab.compare import stats
-    from moelab.compare.analysis import compare as judge_pair, read_study
-    from moelab.compare.measure import measure_units
+    pattern on ``measure`` ("val_loss", or "val_loss_at_equal_time" for --objective loss_at_time).
+    ``train=False`` only reads back a retrain that is complete (None otherwise)."""
+    from moelab.compare.measure import load_measurement, measure_units
     from moelab.compare.plan import PLAN_FILE, build_plan, load_plan, parse_budget, write_plan
     from moelab.compare.report import build_report
-    from moelab.compare.run import run_units
+    from moelab.compare.run import UnitState, run_units, unit_state
     folder = out_dir / RETRAIN_DIR
     rows = patterns(base, best_arch, target)
-    specs, nones = _write_models(rows, folder / "models")
+    files, nones = _model_files(rows)
     if (folder / PLAN_FILE).is_file():
         plan = load_plan(folder)
+        for name, text in files.items():
+            path = folder / "models" / f"{name}.toml"
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                raise RuntimeError(f"{folder} retrained other patterns ({path.name} differs from the "
+                                   f"study's {name}); move that folder aside to retrain these")
+    elif not train:
+        return None
     else:
+        (folder / "models").mkdir(parents=True, exist_ok=True)
+        specs = []
+        for name, text in files.items():
+            (folder / "models" / f"{name}.toml").write_text(text, encoding="utf-8")
+            specs.append(str(folder / "models" / f"{name}.toml"))
         # compare takes a list of two or more seeds, or a count from train.seed
         seeds_text, overrides = (",".join(map(str, seeds)), nones) if len(seeds) >= 2 else \
             ("1", nones + [f"train.seed={seeds[0]}"])
@@ -87,14 +95,24 @@ def retrain(out_dir: Path, base: Config, best_arch: dict, target: int, budget_te
                           seeds_text, "active", overrides, folder,
                           f"moelab search (retrain of the best pattern beside the fixed ones, {out_dir})")
         write_plan(plan, folder)
-    log(f"retrain: {', '.join(r[0] for r in rows)} at seeds {', '.join(map(str, plan['seeds']))}, "
-        f"{budget_text} tokens each ({len(plan['units'])} runs, in {folder})")
-    run_units(plan, folder, show_progress=False, log=log)
-    # inference (prefill, decode) on the first seed's weights only: the search is about training
-    # loss, and one seed's timing rounds already judge speed in compare's report
-    first = [u for u in plan["units"] if u["seed"] == plan["seeds"][0]]
-    measure_units(folder, plan["units"], first, log=log)
-    build_report(plan, folder)
+    if train:
+        log(f"retrain: {', '.join(r[0] for r in rows)} at seeds {', '.join(map(str, plan['seeds']))}, "
+            f"{budget_text} tokens each ({len(plan['units'])} runs, in {folder})")
+        run_units(plan, folder, show_progress=False, log=log)
+        # inference (prefill, decode) on the first seed's weights only: the search is about training
+        # loss, and one seed's timing rounds already judge speed in compare's report
+        first = [u for u in plan["units"] if u["seed"] == plan["seeds"][0]]
+        measure_units(folder, plan["units"], first, log=log)
+        build_report(plan, folder)
+    elif any(unit_state(u["run_dir"]) is not UnitState.FINISHED
+             or "val_batch_losses" not in load_measurement(folder, u) for u in plan["units"]):
+        return None
+    return _summary(plan, folder, rows, budget_text, measure)
+
+
+def _summary(plan: dict, folder: Path, rows, budget_text: str, measure: str) -> dict:
+    from moelab.compare import stats
+    from moelab.compare.analysis import compare as judge_pair, read_study
     study = read_study(plan, folder)
     by_name = study.by_budget[study.headline]
     out_patterns = []
