@@ -82,6 +82,31 @@ def _layer_shares(rows: list[dict], n_layers: int) -> Optional[str]:
             f"against all complete trials: {cells}.")
 
 
+def _fixed_lines(rt: dict) -> list[str]:
+    """The fixed patterns against each other at the same seeds: their order, and MoE in the last
+    half against the first half (compare's paired rule), the early-or-late question itself."""
+    from moelab.compare import stats
+    pats = {x["name"]: x for x in rt["patterns"]}
+    for x in rt["patterns"]:
+        for alias in x["also"]:
+            pats[alias] = x
+    fixed = [x for x in rt["patterns"] if x["name"] != "best"]
+    order = sorted(fixed, key=lambda x: x["val_loss"])
+    lines = ["Fixed patterns by mean loss at the retrain's seeds: "
+             + ", ".join(f"{x['name']} {x['val_loss']:.4f}" for x in order)
+             + f" (each against all-dense: {rt['report']})."]
+    late, early = pats.get("last-half"), pats.get("first-half")
+    if late and early and late is not early and len(rt["seeds"]) >= 2:
+        gaps = [a - b for a, b in zip(late["val_loss_seeds"], early["val_loss_seeds"])]
+        v = stats.judge(gaps, "seeds")
+        word = {"ahead": "late is better", "behind": "early is better"}.get(v.verdict, "neither is better")
+        lines.append(f"MoE in the last half against MoE in the first half (fixed patterns, same expert "
+                     f"settings): loss gap last - first {v.gap:+.4f} over seeds "
+                     f"({', '.join(f'{g:+.4f}' for g in gaps)}), threshold {v.threshold:.4f}: "
+                     f"**{v.verdict}** ({word} beyond seed noise).")
+    return lines
+
+
 def _retrain_lines(p: dict) -> list[str]:
     rt = p.get("retrain")
     if not rt:
@@ -108,6 +133,7 @@ def _retrain_lines(p: dict) -> list[str]:
         words.append(f"{v['against']}{also}: gap {v['gap']:+.4f}{thr}, **{v['verdict']}**")
     lines.append(f"Best against each fixed pattern on {measure} (paired over {n} seed(s); negative = the "
                  f"best is lower; {rt['rule']}): " + "; ".join(words) + ".")
+    lines += _fixed_lines(rt)
     judged = [v for v in rt["verdicts"] if v["verdict"] != "same model"]
     ahead = [v["against"] for v in judged if v["verdict"] == "ahead"]
     if judged and len(ahead) == len(judged):

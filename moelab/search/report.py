@@ -66,10 +66,15 @@ def trial_rows(study, n_layers: int, target: int) -> tuple[list[dict], list[dict
     return rows, failed, running
 
 
-def importances(study, complete: int) -> dict:
+def importances(study) -> dict:
     """Optuna's parameter importances over the parameters every complete trial has: fANOVA
-    (Hutter et al. 2014; needs scikit-learn), else PED-ANOVA (Watanabe et al. 2023)."""
+    (Hutter et al. 2014; needs scikit-learn), else PED-ANOVA (Watanabe et al. 2023). Trials that
+    reused another's result are left out (a repeated point would weigh twice)."""
     import optuna
+    from optuna.trial import TrialState
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if (t.user_attrs.get("result") or {}).get("duplicate_of") is None]
+    complete = len(trials)
     if complete < 3:
         return {"values": {}, "evaluator": None, "trials": complete,
                 "note": f"not computed: {complete} complete trial(s), at least 3 needed"}
@@ -78,8 +83,10 @@ def importances(study, complete: int) -> dict:
         evaluator, name = optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA"
     else:
         evaluator, name = optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA"
+    distinct = optuna.create_study(direction="minimize")        # in memory: the distinct trials only
+    distinct.add_trials(trials)
     try:
-        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        values = optuna.importance.get_param_importances(distinct, evaluator=evaluator)
     except (ValueError, RuntimeError) as e:
         return {"values": {}, "evaluator": name, "trials": complete, "note": f"not computed: {e}"}
     return {"values": {k: float(v) for k, v in values.items()}, "evaluator": name, "trials": complete}
@@ -146,7 +153,7 @@ def build(study, settings: dict, out_dir: Path, retrain: Optional[dict]) -> dict
         "trials": rows, "failed": failed, "running": running, "best": best,
         "pareto": {"total_params": pareto_front(rows, "total_params", False),
                    "tokens_per_s": pareto_front(rows, "tokens_per_s", True)},
-        "importances": importances(study, len(complete)),
+        "importances": importances(study),
         "retrain": retrain,
         **_machine(out_dir, rows), "cpu": _cpu_model(), "python": platform.python_version(),
         "optuna": optuna.__version__,
