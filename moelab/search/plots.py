@@ -82,6 +82,8 @@ def pareto(rows: list[dict], key: str, front: list[int], out_dir: Path) -> Path:
     sparse = [r for r in done if r["moe_layers"]]
     scale = 1e6 if key == "total_params" else 1.0
     for group, label, marker in ((dense, "all-dense", "s"), (sparse, "with MoE layers", "o")):
+        if not group:
+            continue
         ax.scatter([r[key] / scale for r in group], [r["val_loss"] for r in group], label=label,
                    marker=marker, alpha=0.7)
     on = sorted((r for r in done if r["number"] in front), key=lambda r: r[key])
