@@ -5,11 +5,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from moelab.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_without_optuna_the_command_exits_2_naming_the_extra_in_process(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)        # `import optuna` now raises ImportError
+    assert main(["search", "--out", str(tmp_path / "out"), "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Optuna" in err and 'pip install "moelab[search]"' in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow                      # a fresh interpreter importing torch: seconds, more on a busy machine
 def test_without_optuna_the_command_exits_2_naming_the_extra(tmp_path):
     # a real import failure: None in sys.modules makes `import optuna` raise ImportError
     code = ("import sys; sys.modules['optuna'] = None\n"
