@@ -6,7 +6,7 @@ space as a model config sized to the budget, and the fixed patterns it is judged
 tomlfile.py: a config written back as TOML; trialrun.py: one trial's training processes, followed
 through metrics.jsonl and stopped when pruned; objective.py: one Optuna trial end to end; study.py:
 settings, storage, sampler, pruner and the worker loop (resume, several workers on one storage);
-retrain.py: the best pattern and the fixed ones retrained over seeds by `moelab compare`'s own
+driver.py: one worker from its settings to its report (``run_search``, ``write_report``); retrain.py: the best pattern and the fixed ones retrained over seeds by `moelab compare`'s own
 code; findings.py, plots.py, report.py: report.md, results.json and the figures.
 
 Optuna is an optional dependency (the ``search`` extra); :func:`require_optuna` says how to install it.
