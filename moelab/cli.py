@@ -17,7 +17,7 @@ from moelab.config import ConfigError
 
 # command name -> module in moelab.commands exposing add_parser(subparsers)
 COMMANDS = ["presets", "config", "info", "train", "eval", "convert", "compare", "generate", "bench",
-            "plan", "inspect"]
+            "plan", "inspect", "search"]
 
 
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT,
