@@ -3,6 +3,9 @@
     moelab convert --from-hf HF_DIR --out RUN
     moelab convert --to-hf RUN --out HF_DIR --family mixtral
 
+A run trained on several processes is exported from its newest sharded checkpoint a tensor at a
+time (``moelab.interop.sharded``), so the export needs about one tensor of memory.
+
 Nothing is written unless the whole conversion succeeds; bad input exits with status 2.
 """
 
@@ -43,7 +46,10 @@ def run(args) -> int:
         else:
             if not args.family:
                 raise_user(f"--to-hf needs --family ({', '.join(FAMILY_NAMES)})")
-            notes = export_hf(args.to_hf, args.out, args.family, parse_size(args.max_shard_size))
+            from moelab.interop.sharded import export_hf_streamed, newest_sharded
+            # a run of several processes: streamed from its sharded checkpoint, a tensor at a time
+            export = export_hf_streamed if newest_sharded(args.to_hf) else export_hf
+            notes = export(args.to_hf, args.out, args.family, parse_size(args.max_shard_size))
             summary = {"exported": args.to_hf, "folder": args.out, "family": args.family}
     except InteropError as e:
         raise_user(str(e))

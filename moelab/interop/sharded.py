@@ -54,7 +54,7 @@ class HFRows:
         if mtp and getattr(imported.family, "EXTRA_LAYERS_ARE_MTP", False):
             available = available - mtp
         fused = {self.keymap.layer_prefix.format(i=i) + r.module for i in range(self.cfg.n_layers)
-                 for r in self.keymap.layer if r.module}
+                 for r in self.keymap.layer if r.module and isinstance(r.transform, Experts)}
         self.layout = "module" if available & fused else "checkpoint"
         # every check of the in-memory import (missing, unexpected, mis-shaped), on meta tensors
         state = hf_to_ours(self.keymap, self.cfg, expected_state(self.cfg), available, self._meta,
@@ -185,18 +185,28 @@ def _numel(shape) -> int:
 # the streamed export
 # ---------------------------------------------------------------------------------------------
 
+def newest_sharded(run_dir: PathLike) -> Optional[Path]:
+    """The model shards of a run's newest checkpoint when several processes wrote it, else None
+    (``moelab convert --to-hf`` then streams from them)."""
+    from moelab.parallel.checkpoint import MODEL_DIR, SHARDED
+    ckpts = checkpoint_dirs(run_dir) if Path(run_dir).is_dir() else []
+    if ckpts and (ckpts[-1] / MODEL_DIR / SHARDED).is_dir():
+        return ckpts[-1] / MODEL_DIR / SHARDED
+    return None
+
+
 class _Weights:
     """Our tensors of a run, one at a time: from its newest sharded checkpoint (``sharded``) or
     from a safetensors file of full tensors."""
 
     def __init__(self, run_dir: Path, source: str):
-        from moelab.parallel.checkpoint import MODEL_DIR, SHARDED, ShardedTensors
-        sharded = [c / MODEL_DIR / SHARDED for c in checkpoint_dirs(run_dir) if (c / MODEL_DIR / SHARDED).is_dir()]
+        from moelab.parallel.checkpoint import ShardedTensors
+        sharded = newest_sharded(run_dir)
         if source == "sharded" or (source == "auto" and sharded):
             if not sharded:
-                raise InteropError(f"{run_dir} has no sharded checkpoint (it was trained in one process)")
-            self.reader = ShardedTensors(sharded[-1])
-            self.where = str(sharded[-1])
+                raise InteropError(f"{run_dir}: its newest checkpoint is not sharded (one process wrote it)")
+            self.reader = ShardedTensors(sharded)
+            self.where = str(sharded)
             self._shapes, self._dtype, self._get = self.reader.shapes(), self.reader.dtype, self.reader.get
         else:
             from safetensors import safe_open

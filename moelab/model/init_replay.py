@@ -23,6 +23,7 @@ test that compares a replayed build with an eager one for every preset catches t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -214,12 +215,47 @@ def _chains(model: torch.nn.Module, steps: list[_Step]) -> dict[str, list[int]]:
     return chains
 
 
+def record_build(build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, InitRecipe]:
+    """``build()`` run on the meta device, and the recipe that reproduces, from the RNG state at
+    this call, the parameters an eager ``build()`` would give. ReplayError names a parameter the
+    replay cannot reproduce."""
+    recorder = _Recorder()
+    with torch.device("meta"), _refuse_meta_no_ops(), recorder:
+        model = build()
+    return model, InitRecipe(recorder.steps, _chains(model, recorder.steps))
+
+
+# torch.nn.init functions that return at once on a meta tensor (nothing drawn, nothing to record)
+_META_NO_OPS = ("_no_grad_trunc_normal_", "orthogonal_", "sparse_", "dirac_")
+
+
+@contextlib.contextmanager
+def _refuse_meta_no_ops():
+    """While recording, those initialisers raise ReplayError instead of silently drawing nothing."""
+    import torch.nn.init as init
+    saved = {name: getattr(init, name) for name in _META_NO_OPS}
+
+    def refuse(name):
+        def call(tensor, *args, **kwargs):
+            if tensor.is_meta:
+                raise ReplayError(f"torch.nn.init.{name.removeprefix('_no_grad_')} draws nothing on the "
+                                  "meta device, so its draws cannot be recorded; write it with in-place "
+                                  "ops (uniform_, erfinv_, mul_, ...) or initialise after the build")
+            return saved[name](tensor, *args, **kwargs)
+        return call
+
+    try:
+        for name in _META_NO_OPS:
+            setattr(init, name, refuse(name))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
 def build_recorded(config: "ModelConfig") -> tuple["Transformer", InitRecipe]:
     """The model of ``config`` on the meta device, and the recipe that reproduces the weights an
     eager ``Transformer(config)`` would get from the current RNG state. Call ``replay`` with the
     RNG where it was when this was called (normally just after ``torch.manual_seed``)."""
     from moelab.model.transformer import Transformer
-    recorder = _Recorder()
-    with torch.device("meta"), recorder:
-        model = Transformer(config)
-    return model, InitRecipe(recorder.steps, _chains(model, recorder.steps))
+    return record_build(lambda: Transformer(config))
