@@ -48,8 +48,12 @@ class HFRows:
         imported = hf_folder_config(self.folder)
         self.cfg, self.keymap = imported.config.model, imported.family.KEYMAP
         self.interleave, self.notes = imported.rope_interleave, list(imported.notes)
-        self.ckpt = Checkpoint(self.folder)
-        available = self.ckpt.keys()
+        from moelab.parallel.tensorfile import TensorFile
+        ckpt = Checkpoint(self.folder)              # validates the index and the shards' headers
+        self.files = {name: TensorFile(self.folder / name) for name in ckpt.handles}
+        self.where = dict(ckpt.where)
+        del ckpt                                    # its memory maps: reads here are plain reads
+        available = set(self.where)
         mtp = _mtp_keys(available, self.cfg.n_layers)
         if mtp and getattr(imported.family, "EXTRA_LAYERS_ARE_MTP", False):
             available = available - mtp
@@ -61,13 +65,15 @@ class HFRows:
                            layout=self.layout, rope_interleave=self.interleave)
         self._shapes = {k: v.shape for k, v in state.items()}
 
-    def _slice(self, key: str):
-        return self.ckpt.handles[self.ckpt.where[key]].get_slice(key)
+    def _file(self, key: str):
+        return self.files[self.where[key]]
 
     def _meta(self, key: str) -> torch.Tensor:
-        piece = self._slice(key)
-        from moelab.parallel.checkpoint import _DTYPES
-        return torch.empty(piece.get_shape(), dtype=_DTYPES[piece.get_dtype()], device="meta")
+        f = self._file(key)
+        return torch.empty(f.shape(key), dtype=f.dtype(key), device="meta")
+
+    def _get(self, key: str) -> torch.Tensor:
+        return self._file(key).get(key)
 
     def shapes(self) -> dict[str, torch.Size]:
         return dict(self._shapes)
@@ -81,29 +87,29 @@ class HFRows:
         keys = self.keymap.hf_keys(rule, ctx, self.layout)
         kind = type(rule.transform)
         if (self.layout == "module" and rule.module is not None) or (kind is Same and len(keys) == 1):
-            return self._slice(keys[0])[start:stop]
+            return self._file(keys[0]).rows(keys[0], start, stop)
         if kind is Concat:
-            return _concat_rows([self._slice(k) for k in keys], start, stop)
+            return self._concat_rows(keys, start, stop)
         if kind is Experts:
             n = rule.transform.parts
-            return torch.stack([torch.cat([self.ckpt.get(k) for k in keys[e * n:(e + 1) * n]])
-                                for e in range(start, stop)]) if stop > start else \
-                torch.empty((0, *self._shapes[name][1:]), dtype=self._meta(keys[0]).dtype)
+            if stop <= start:
+                return torch.empty((0, *self._shapes[name][1:]), dtype=self._meta(keys[0]).dtype)
+            return torch.stack([torch.cat([self._get(k) for k in keys[e * n:(e + 1) * n]])
+                                for e in range(start, stop)])
         # a transform that needs the whole tensor (RoPE row permutation, zero buffers): one tensor
-        return rule.transform.to_ours([self.ckpt.get(k) for k in keys], ctx)[start:stop]
+        return rule.transform.to_ours([self._get(k) for k in keys], ctx)[start:stop]
 
-
-def _concat_rows(pieces: list, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of the row-wise concatenation of ``pieces`` (lazy safetensors slices),
-    reading only the rows that fall inside."""
-    out, offset = [], 0
-    for piece in pieces:
-        n = piece.get_shape()[0]
-        lo, hi = max(start - offset, 0), min(stop - offset, n)
-        if lo < hi:
-            out.append(piece[lo:hi])
-        offset += n
-    return torch.cat(out) if out else pieces[0][0:0]
+    def _concat_rows(self, keys: list[str], start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the row-wise concatenation of ``keys``, reading only the rows
+        that fall inside."""
+        out, offset = [], 0
+        for key in keys:
+            n = self._file(key).shape(key)[0]
+            lo, hi = max(start - offset, 0), min(stop - offset, n)
+            if lo < hi:
+                out.append(self._file(key).rows(key, lo, hi))
+            offset += n
+        return torch.cat(out) if out else self._file(keys[0]).rows(keys[0], 0, 0)
 
 
 def open_rows(source: PathLike):
@@ -209,15 +215,13 @@ class _Weights:
             self.where = str(sharded)
             self._shapes, self._dtype, self._get = self.reader.shapes(), self.reader.dtype, self.reader.get
         else:
-            from safetensors import safe_open
+            from moelab.parallel.tensorfile import TensorFile
             path = run_dir / WEIGHTS_FILE
             if not path.is_file():
                 raise InteropError(f"{path} is missing")
-            handle = safe_open(str(path), framework="pt")
-            from moelab.parallel.checkpoint import _DTYPES
-            self._shapes = {k: torch.Size(handle.get_slice(k).get_shape()) for k in handle.keys()}
-            dtypes = {k: _DTYPES[handle.get_slice(k).get_dtype()] for k in handle.keys()}
-            self._dtype, self._get, self.where = dtypes.__getitem__, handle.get_tensor, str(path)
+            f = TensorFile(path)
+            self._shapes = {k: f.shape(k) for k in f.keys()}
+            self._dtype, self._get, self.where = f.dtype, f.get, str(path)
 
     def shapes(self) -> dict[str, torch.Size]:
         return self._shapes

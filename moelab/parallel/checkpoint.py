@@ -141,35 +141,27 @@ def _chunks(folder: Path) -> dict[str, list[tuple[list[int], list[int]]]]:
 class ShardedTensors:
     """The full tensors of a folder of DCP shards (a sharded checkpoint's ``model/sharded``), one
     at a time: ``get(name)`` assembles one tensor from the chunks every rank stored (offsets from
-    the files' metadata), reading only that tensor's bytes. What a streamed export reads, so its
-    memory is one tensor, never the model."""
+    the files' metadata), reading only that tensor's bytes, with plain reads (no memory map). What
+    a streamed export reads, so its memory is one tensor, never the model."""
 
     def __init__(self, folder: Path):
         import json
-        from safetensors import safe_open
         from torch.distributed.checkpoint._hf_utils import CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY
+        from moelab.parallel.tensorfile import TensorFile
         self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
+        self._files = [TensorFile(f) for f in sorted(self.folder.glob("*.safetensors"))]
+        if not self._files:
             raise FileNotFoundError(f"{self.folder} holds no shards")
-        self._files = [safe_open(str(f), framework="pt") for f in files]
         self._chunks: dict[str, list[tuple[int, list[int]]]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
-        for i, handle in enumerate(self._files):
-            info = json.loads((handle.metadata() or {}).get(CUSTOM_METADATA_KEY, "{}"))
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                shape = list(piece.get_shape())
-                self._chunks.setdefault(key, []).append((i, info.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape))))
-                self._dtypes.setdefault(key, _DTYPES[piece.get_dtype()])
-        self._shapes = {k: torch.Size(self._full_shape(k)) for k in self._chunks}
-
-    def _full_shape(self, key: str) -> list[int]:
-        ends = []
-        for i, offsets in self._chunks[key]:
-            shape = self._files[i].get_slice(key).get_shape()
-            ends.append([o + s for o, s in zip(offsets, shape)])
-        return [max(col) for col in zip(*ends)] if ends and ends[0] else []
+        for i, f in enumerate(self._files):
+            info = json.loads(f.metadata.get(CUSTOM_METADATA_KEY, "{}"))
+            for key in f.keys():
+                offsets = info.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(f.shape(key)))
+                self._chunks.setdefault(key, []).append((i, offsets))
+        self._shapes = {}
+        for key, chunks in self._chunks.items():
+            ends = [[o + s for o, s in zip(offsets, self._files[i].shape(key))] for i, offsets in chunks]
+            self._shapes[key] = torch.Size([max(col) for col in zip(*ends)] if ends[0] else [])
 
     def keys(self) -> list[str]:
         return list(self._chunks)
@@ -178,20 +170,16 @@ class ShardedTensors:
         return dict(self._shapes)
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._dtypes[key]
+        i, _ = self._chunks[key][0]
+        return self._files[i].dtype(key)
 
     def get(self, key: str) -> torch.Tensor:
-        full = torch.empty(self._shapes[key], dtype=self._dtypes[key])
+        full = torch.empty(self._shapes[key], dtype=self.dtype(key))
         for i, offsets in self._chunks[key]:
-            chunk = self._files[i].get_tensor(key)
+            chunk = self._files[i].get(key)
             full[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))] = chunk
             del chunk
         return full
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 def _volume(shape) -> int:

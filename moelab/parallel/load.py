@@ -43,20 +43,19 @@ class RowSource(Protocol):
 
 
 class SafetensorsRows:
-    """A moelab safetensors file (a run folder's or checkpoint's ``model.safetensors``)."""
+    """A moelab safetensors file (a run folder's or checkpoint's ``model.safetensors``), read
+    with plain reads (``moelab.parallel.tensorfile``)."""
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open
+        from moelab.parallel.tensorfile import TensorFile
         self.path = str(path)
-        self._file = safe_open(self.path, framework="pt")
-        self._shapes = {k: torch.Size(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
+        self._file = TensorFile(self.path)
 
     def shapes(self) -> dict[str, torch.Size]:
-        return dict(self._shapes)
+        return {k: self._file.shape(k) for k in self._file.keys()}
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        piece = self._file.get_slice(name)
-        return piece[start:stop] if self._shapes[name] else piece[:]
+        return self._file.rows(name, start, stop)
 
     def describe(self) -> str:
         return self.path
