@@ -109,7 +109,8 @@ def put(model: nn.Module, name: str, full: torch.Tensor) -> None:
     module, leaf, is_param = _slot(model, name)
     slot = module._parameters[leaf] if is_param else module._buffers[leaf]
     if is_sharded(slot):
-        slot.to_local().copy_(local_part(slot, full))
+        span = local_rows(slot)        # rows of dim 0: slice on the host, move only the slice
+        slot.to_local().copy_(full[span[0]:span[1]] if span is not None else local_part(slot, full))
     elif is_param and slot.is_meta:
         module._parameters[leaf] = nn.Parameter(full.to(device=_device_of(model), dtype=slot.dtype),
                                                 requires_grad=slot.requires_grad)
