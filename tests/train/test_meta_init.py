@@ -220,3 +220,47 @@ def test_per_step_losses_are_todays_bit_for_bit(tmp_path):
         if got["runs"][name]["corpus_sha256"] != run["corpus_sha256"]:
             pytest.skip("this Python's standard library is another corpus")
         assert got["runs"][name]["losses"] == run["losses"], name
+
+
+DEEPSEEK = ["model.n_layers=3", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
+            "model.ffn_hidden=128", "model.moe.num_experts=8", "model.moe.expert_hidden=32",
+            "model.moe.n_groups=4", "model.moe.topk_groups=2", "model.mla.kv_lora_rank=32",
+            "model.mla.q_lora_rank=48", "model.mla.qk_nope_head_dim=16", "model.mla.qk_rope_head_dim=8",
+            "model.mla.v_head_dim=16"]
+
+
+def test_deepseek_v3_rows_and_the_streamed_export_match_the_in_memory_paths(tmp_path):
+    """RoPE rows permuted on the way in and out, a router bias the family stores, shared experts:
+    row reads equal the in-memory import, the streamed export equals ``export_hf`` tensor for
+    tensor; a bias the family cannot store is refused as the in-memory export refuses it."""
+    from safetensors.torch import load_file
+    from moelab.fileio import save_tensors, write_json
+    from moelab.interop import InteropError, export_hf
+    from moelab.interop.hf import config_to_hf, family
+    from moelab.interop.keymap import ours_to_hf
+    from moelab.interop.sharded import export_hf_streamed, open_rows
+    cfg = moelab.resolve_config("deepseek-v3", DEEPSEEK)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    with torch.no_grad():
+        model.blocks[1].ffn.router.expert_bias.normal_()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    write_json(hf / "config.json", config_to_hf(cfg.model, "deepseek_v3", [], torch.float32))
+    tensors = ours_to_hf(family("deepseek_v3").KEYMAP, cfg.model, model.state_dict(), rope_interleave=True)
+    save_tensors(hf / "model.safetensors", {k: v.contiguous() for k, v in tensors.items()}, {"format": "pt"})
+    rows = open_rows(hf)
+    for name, t in load(hf).state_dict().items():
+        assert torch.equal(rows.rows(name, 1, t.shape[0]), t[1:]), name
+    save(tmp_path / "run", model, cfg)
+    export_hf(tmp_path / "run", tmp_path / "a", "deepseek_v3")
+    export_hf_streamed(tmp_path / "run", tmp_path / "b", "deepseek_v3", source="weights")
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    mixtral = moelab.resolve_config("mixtral", SMALL)
+    biased = Transformer(mixtral.model)
+    biased.blocks[0].ffn.router.expert_bias.fill_(1.0)
+    save(tmp_path / "biased", biased, mixtral)
+    with pytest.raises(InteropError, match="expert_bias is non-zero"):
+        export_hf_streamed(tmp_path / "biased", tmp_path / "c", "mixtral", source="weights")
+    assert not (tmp_path / "c").exists()
