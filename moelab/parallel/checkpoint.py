@@ -1,8 +1,8 @@
 """Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), stored as safetensors + JSON
 (DCP's Hugging Face storage layer), so nothing in a run folder is ever unpickled.
 
-    ckpt-00000100/model/sharded/shard-0000R-model-00001-of-00001.safetensors   one per rank
-    ckpt-00000100/optim/shard-0000R-model-00001-of-00001.safetensors           one per rank
+    ckpt-00000100/model/sharded/shard-0000R-model-0000I-of-0000N.safetensors   one per rank and tensor
+    ckpt-00000100/optim/shard-0000R-model-0000I-of-0000N.safetensors           one per rank and tensor
     ckpt-00000100/rng/rank-0000R.safetensors                                   per-rank RNG state
     ckpt-00000100/trainer_state.json        step, tokens, time, optimiser param groups, layout
 
@@ -58,13 +58,27 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     from safetensors.torch import save_file
 
     get_msd, get_osd, _, _ = _state_dict_api()
-    dcp.save(get_msd(model), storage_writer=HuggingFaceStorageWriter(
-        str(folder / MODEL_DIR), save_distributed=True, enable_consolidation=consolidate))
+    msd = get_msd(model)
+    # One file per tensor and rank: DCP serialises each file whole in memory before writing it,
+    # so one file per rank would hold a second copy of the rank's whole shard (the optimizer's
+    # moments: twice the model's shard) while saving.
+    dcp.save(msd, storage_writer=HuggingFaceStorageWriter(
+        str(folder / MODEL_DIR / SHARDED), save_distributed=True, fqn_to_index_mapping=_one_file_each(msd)))
     flat, groups = flatten_optimizer(get_osd(model, optimizer))
-    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder / OPTIM_DIR), save_distributed=True))
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(
+        str(folder / OPTIM_DIR), save_distributed=True, fqn_to_index_mapping=_one_file_each(flat)))
+    if consolidate and rank == 0:
+        # full tensors, assembled one at a time from the ranks' bytes (DCP's consolidation)
+        from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
+        consolidate_safetensors_files(str(folder / MODEL_DIR / SHARDED), str(folder / MODEL_DIR),
+                                      dict.fromkeys(msd, 1))
     (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
     save_file(rng_tensors(), str(folder / RNG_DIR / f"rank-{rank:05d}.safetensors"))
     return groups
+
+
+def _one_file_each(state: dict) -> dict[str, int]:
+    return {name: i for i, name in enumerate(sorted(state), start=1)}
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:

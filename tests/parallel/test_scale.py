@@ -114,13 +114,19 @@ def test_init_from_hf_folder_two_ranks_equal_one_and_the_streamed_export_is_bit_
 
 
 def test_each_of_two_ranks_needs_under_three_quarters_of_one_process(tmp_path):
-    """benchmarks/scale_memory.py on a ~140 MB fp32 OLMoE-shaped folder: peak RSS of loading into
-    shards plus one training step, per rank, at 2 processes (ep=2) against 1."""
+    """benchmarks/scale_memory.py on a ~290 MB fp32 OLMoE-shaped folder (64 experts): peak RSS of
+    loading into shards plus one training step, per rank, at 2 processes (ep=2) against 1.
+
+    Why not 100 MB: every process carries ~0.4 GB that does not shard (Python, torch, gloo, the
+    tokenised corpus), and 2 ranks each ~0.08 GB more (process group, FSDP's unsharded root
+    weights and gradients during the step); measured at 141 MB: 0.99 GB vs 0.77 GB per rank
+    (0.78). Only the model's share halves, so the ratio falls under 0.75 once the model is a few
+    times that fixed cost (the 1.7 GB benchmark: 0.55)."""
     bench = _bench()
     folder = tmp_path / "olmoe"
-    bench.write_olmoe_folder(folder, bench.olmoe_config(hidden=384, layers=3, vocab=16384, experts=32))
+    bench.write_olmoe_folder(folder, bench.olmoe_config(hidden=384, layers=4, vocab=16384, experts=64))
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    assert 100e6 <= size <= 200e6
+    assert 250e6 <= size <= 330e6
     results = bench.measure(folder, tmp_path, [1, 2], max_bytes=200_000, timeout=900, log=lambda m: None,
                             in_memory_export=False)
     one = results["1"]["load_step_peak_rss_bytes"]
