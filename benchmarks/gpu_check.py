@@ -45,6 +45,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 OUT_ENV = "GPU_CHECK_OUT"          # where a part writes its figures (JSON), rewritten as it goes
+# a dry run of the parts' code on the CPU at toy sizes (tests/test_gpu_check.py), so that a typo
+# is found before the day a GPU is lent: GPU_CHECK_DEVICE=cpu GPU_CHECK_SCALE=tiny
+DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+TINY = os.environ.get("GPU_CHECK_SCALE") == "tiny"
 RESERVE_S = 10.0                   # kept back from the budget for starting parts and the report
 
 # bf16 dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets; the first
@@ -65,8 +69,8 @@ class Part:
     extra: dict = field(default_factory=dict)
 
 
-PARTS = [Part("gpu_tests", 0.2), Part("train", 0.3), Part("grouped_mm", 0.1), Part("decode", 0.15),
-         Part("nccl_ep2", 0.25)]
+PARTS = [Part("gpu_tests", 0.2), Part("train", 0.35), Part("grouped_mm", 0.1), Part("decode", 0.15),
+         Part("nccl_ep2", 0.2)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,30 +163,41 @@ def peak_flops(name: str) -> tuple[Optional[float], str]:
 
 
 def model_sets(steps: int, device: str) -> list[str]:
-    """~110M active parameters (of ~390M): 12 layers x 768, 8 experts of 1536, top-2."""
-    return ["model.n_layers=12", "model.d_model=768", "model.n_heads=12", "model.n_kv_heads=4",
+    """~110M active parameters (of ~365M): 12 layers x 768, 8 experts of 1536, top-2."""
+    size = ["model.n_layers=12", "model.d_model=768", "model.n_heads=12", "model.n_kv_heads=4",
             "model.vocab_size=4096", "model.max_seq_len=512", "model.moe.num_experts=8",
             "model.moe.top_k=2", "model.moe.expert_hidden=1536", "model.ffn_hidden=3072",
-            "train.batch_size=8", "train.seq_len=256", f"train.max_steps={steps}",
+            "train.batch_size=16", "train.seq_len=128"]
+    if TINY:
+        size = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1",
+                "model.vocab_size=512", "model.max_seq_len=64", "model.moe.num_experts=4",
+                "model.moe.top_k=2", "model.moe.expert_hidden=64", "model.ffn_hidden=128",
+                "train.batch_size=4", "train.seq_len=32"]
+    return size + [f"train.max_steps={steps}",
             "train.warmup_steps=10", "train.min_lr_ratio=1.0", "train.log_every=1",
             "train.eval_every=100000", "train.eval_batches=1", "train.save_every=100000",
-            "data.max_bytes=3000000", f"train.device={device}"]
+            f"data.max_bytes={300_000 if TINY else 3_000_000}", f"train.device={device}"]
 
 
 def part_gpu_tests() -> None:
-    junit = Path(os.environ[OUT_ENV]).with_name("junit.xml")
-    emit(command="python -m pytest -m gpu tests")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                           f"--junitxml={junit}", "tests"], cwd=str(ROOT), capture_output=True, text=True)
-    import xml.etree.ElementTree as ET
-    cases = {}
-    if junit.is_file():
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            name = f"{case.get('classname')}::{case.get('name')}"
-            kinds = {child.tag for child in case}
-            cases[name] = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
-    counts = {k: sum(v == k for v in cases.values()) for k in ("passed", "failed", "skipped")}
-    emit(tests=cases, counts=counts, pytest_exit=proc.returncode, tail=proc.stdout[-1500:])
+    """``pytest -m gpu -v``, its verdicts recorded line by line (a part killed at its time box keeps
+    the tests that had finished)."""
+    import re
+    emit(command="python -m pytest -m gpu -v tests")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "tests"],
+                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cases: dict = {}
+    tail: list[str] = []
+    verdict = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
+    for line in proc.stdout:
+        tail = (tail + [line.rstrip()])[-30:]
+        m = verdict.match(line)
+        if m:
+            cases[m.group(1)] = m.group(2).lower()
+            emit(tests=cases)
+    proc.wait()
+    counts = {k: sum(v == k for v in cases.values()) for k in ("passed", "failed", "error", "skipped")}
+    emit(tests=cases, counts=counts, pytest_exit=proc.returncode, tail="\n".join(tail))
     if proc.returncode not in (0, 5):            # 5: nothing collected
         raise SystemExit(f"gpu tests: {counts}")
 
@@ -194,14 +209,14 @@ def part_train() -> None:
     from moelab.runfolder import load_metrics
     from moelab.train.trainer import train
 
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     work = Path(os.environ[OUT_ENV]).parent
     os.environ.setdefault("MOELAB_CACHE", str(work / "cache"))
-    cfg = moelab.resolve_config("mixtral", model_sets(50, "cuda"))
+    cfg = moelab.resolve_config("mixtral", model_sets(6 if TINY else 50, DEVICE))
     info = describe(cfg.model, cfg.train.batch_size, cfg.train.seq_len)
     emit(device=name, total_params=info["total_params"], active_params=info["active_params"],
          flops_per_token_forward=info["flops_per_token"])
-    summary = train(cfg, work / "cuda", show_progress=False, log=lambda m: None)
+    summary = train(cfg, work / "cuda", show_progress=False, log=lambda m: None)     # "cuda": DEVICE
     cuda = [r["loss"] for r in load_metrics(work / "cuda") if r["kind"] == "train"]
     tps = summary["tokens_per_s"]
     peak, source = peak_flops(name)
@@ -223,9 +238,15 @@ def part_train() -> None:
 
 
 def _cuda_ms(fn, rounds: int) -> list[float]:
+    """Milliseconds per call: CUDA events (the GPU's own clock), or the host clock on a dry run."""
     import torch
     times = []
     for _ in range(rounds):
+        if DEVICE != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -235,6 +256,12 @@ def _cuda_ms(fn, rounds: int) -> list[float]:
     return times
 
 
+def _sync() -> None:
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def part_grouped_mm() -> None:
     import torch
     from moelab import MoE
@@ -242,19 +269,19 @@ def part_grouped_mm() -> None:
     emit(has_grouped_mm=HAS_GROUPED_MM, torch=torch.__version__)
     if not HAS_GROUPED_MM:
         raise SystemExit(f"torch {torch.__version__} has no grouped_mm")
-    N, D, E, K, H = 8192, 1024, 16, 2, 1024
+    N, D, E, K, H = (256, 64, 4, 2, 64) if TINY else (8192, 1024, 16, 2, 1024)
     torch.manual_seed(0)
-    layers = {b: MoE(D, E, K, H, backend=b).cuda() for b in ("grouped_mm", "loop")}
+    layers = {b: MoE(D, E, K, H, backend=b).to(DEVICE) for b in ("grouped_mm", "loop")}
     layers["loop"].load_state_dict(layers["grouped_mm"].state_dict())
-    x = torch.randn(N, D, device="cuda")
-    grad = torch.randn(N, D, device="cuda")
+    x = torch.randn(N, D, device=DEVICE)
+    grad = torch.randn(N, D, device=DEVICE)
     outs = {}
 
     def step(backend):
         layer = layers[backend]
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             y = layer(xi).output
         y.float().backward(grad)
         return y.float(), xi.grad, layer.experts.w_gate_up.grad, layer.experts.w_down.grad
@@ -280,11 +307,11 @@ def part_decode() -> None:
     import torch
     import moelab
     from moelab.generate import generate
-    cfg = moelab.resolve_config("mixtral", model_sets(1, "cuda"))
+    cfg = moelab.resolve_config("mixtral", model_sets(1, DEVICE))
     torch.manual_seed(0)
-    model = moelab.build(cfg.model).eval().cuda().to(torch.bfloat16)
+    model = moelab.build(cfg.model).eval().to(DEVICE).to(torch.bfloat16)
     prompts = torch.randint(0, cfg.model.vocab_size, (1, 16))
-    new = 128
+    new = 8 if TINY else 128
     emit(batch=1, prompt_len=16, new_tokens=new, dtype="bfloat16", cuda_graphs="not used by moelab's decode step")
     results = {}
     for compile in (False, True):
@@ -292,10 +319,10 @@ def part_decode() -> None:
         generate(model, prompts, max_new_tokens=new, temperature=0, compile=compile)     # warm-up / compile
         times, tokens = [], None
         for _ in range(3):
-            torch.cuda.synchronize()
+            _sync()
             t0 = time.perf_counter()
             tokens = generate(model, prompts, max_new_tokens=new, temperature=0, compile=compile).tokens
-            torch.cuda.synchronize()
+            _sync()
             times.append(time.perf_counter() - t0)
         results[label] = tokens
         emit(**{f"{label}_tokens_per_s": new / statistics.median(times)})

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
@@ -24,7 +25,6 @@ def _module():
 
 def test_without_cuda_it_exits_0_saying_it_needs_a_gpu(tmp_path):
     if torch.cuda.is_available():
-        import pytest
         pytest.skip("this machine has CUDA: the check would run")
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--minutes", "1", "--json", str(out)],
@@ -66,3 +66,32 @@ def test_a_part_that_cannot_start_in_time_is_not_run_and_peaks_come_from_the_dev
     assert gc.peak_flops("NVIDIA H100 80GB HBM3")[0] == 989e12
     assert gc.peak_flops("NVIDIA H100 PCIe")[0] == 756e12
     assert gc.peak_flops("Some Future GPU")[0] is None
+
+
+@pytest.mark.slow
+def test_every_part_runs_its_code_on_the_cpu_at_toy_sizes(tmp_path):
+    """The parts' own code (training beside the fp32 run, grouped_mm vs loop, eager and compiled
+    decode, the gpu-test runner) dry-run on the CPU, so the day a GPU is lent the script does not
+    stop on a typo. On a machine without 2 GPUs the nccl part skips with a line."""
+    import os
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SCALE": "tiny",
+           "MOELAB_CACHE": str(tmp_path / "cache")}
+    for part in ("train", "grouped_mm", "decode", "nccl_ep2", "gpu_tests"):
+        out = tmp_path / f"{part}.json"
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--part", part], capture_output=True, text=True,
+                              timeout=600, env={**env, "GPU_CHECK_OUT": str(out)})
+        assert proc.returncode == 0, (part, proc.stdout[-2000:], proc.stderr[-3000:])
+        figures = json.loads(out.read_text())
+        if part == "train":
+            assert len(figures["cuda_losses"]) == 6 and len(figures["cpu_fp32_losses"]) == 5
+            assert figures["step5_abs_diff"] == 0.0           # fp32 on both sides here: identical
+            assert figures["mfu"] is None and "not in gpu_check.PEAK_BF16" in figures["peak_source"]
+        elif part == "grouped_mm":
+            assert figures["equal_within_bf16"] and figures["loop_over_grouped_mm"] > 0
+        elif part == "decode":
+            assert figures["eager_tokens_per_s"] > 0 and figures["compiled_tokens_per_s"] > 0
+            assert figures["same_tokens"] in (True, False)
+        elif part == "nccl_ep2":
+            assert "needs 2 GPUs" in figures["skipped"]
+        else:
+            assert figures["counts"]["skipped"] >= 5 and figures["counts"]["failed"] == 0
