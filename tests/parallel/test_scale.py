@@ -114,24 +114,24 @@ def test_init_from_hf_folder_two_ranks_equal_one_and_the_streamed_export_is_bit_
 
 
 def test_each_of_two_ranks_needs_under_three_quarters_of_one_process(tmp_path):
-    """benchmarks/scale_memory.py on a ~290 MB fp32 OLMoE-shaped folder (64 experts): peak RSS of
+    """benchmarks/scale_memory.py on a ~400 MB fp32 OLMoE-shaped folder (64 experts): peak RSS of
     loading into shards plus one training step, per rank, at 2 processes (ep=2) against 1.
 
-    Why not 100 MB: every process carries ~0.4 GB that does not shard (Python, torch, gloo, the
-    tokenised corpus), and 2 ranks each ~0.08 GB more (process group, FSDP's unsharded root
-    weights and gradients during the step); measured at 141 MB: 0.99 GB vs 0.77 GB per rank
-    (0.78). Only the model's share halves, so the ratio falls under 0.75 once the model is a few
-    times that fixed cost (the 1.7 GB benchmark: 0.55)."""
+    Why not 100 MB: every process carries ~0.4 GB that does not shard (Python, torch, the tokenised
+    corpus), and each of 2 ranks ~0.14 GB more (the process group, FSDP's unsharded root weights and
+    gradients during the step); only the model's share halves. Measured: 0.78 at 141 MB, 0.73 at
+    274 MB, 0.55 at 1.67 GB (benchmarks/RESULTS.md); at ~400 MB the ratio is ~0.68, clear of the
+    0.75 bound by more than the run-to-run spread."""
     bench = _bench()
     folder = tmp_path / "olmoe"
-    bench.write_olmoe_folder(folder, bench.olmoe_config(hidden=384, layers=4, vocab=16384, experts=64))
+    bench.write_olmoe_folder(folder, bench.olmoe_config(hidden=384, layers=6, vocab=16384, experts=64))
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    assert 250e6 <= size <= 330e6
-    results = bench.measure(folder, tmp_path, [1, 2], max_bytes=200_000, timeout=900, log=lambda m: None,
-                            in_memory_export=False)
+    assert 350e6 <= size <= 450e6
+    results = bench.measure(folder, tmp_path, [1, 2], max_bytes=200_000, timeout=900, log=lambda m: None)
     one = results["1"]["load_step_peak_rss_bytes"]
     ranks = [r["load_step_peak_rss_bytes"] for r in results["2"]["ranks"]]
     assert len(ranks) == 2
     assert all(r < 0.75 * one for r in ranks), (one, ranks)
-    # the streamed export of the 2-process run holds about one tensor, not the model
-    assert results["2"]["export_peak_rss_bytes"] < results["2"]["ranks"][0]["baseline_rss_bytes"] + size / 2
+    # the streamed export of the 2-process run holds about one tensor (the largest: 38 MB here),
+    # not the model: below the in-memory export of the same weights by more than half the model
+    assert results["2"]["export_peak_rss_bytes"] < results["1"]["export_in_memory_peak_rss_bytes"] - size / 2
