@@ -4,6 +4,9 @@
     moelab convert --to-hf RUN --out HF_DIR [--family mixtral]
     moelab convert --to-gguf RUN_OR_HF_DIR --out model.gguf [--type bf16]   # llama.cpp (gguf extra)
 
+The export reads and writes a tensor at a time (a run trained on several processes straight from
+its newest sharded checkpoint), so it needs about one tensor of memory (``moelab.interop.sharded``).
+
 Nothing is written unless the whole conversion succeeds; bad input exits with status 2.
 """
 

@@ -19,10 +19,9 @@ from moelab.interop.errors import InteropError
 from moelab.interop.containment import inside
 from moelab.interop.hf import (DEFAULT_MAX_SHARD_BYTES, HF_CONFIG, HF_INDEX, HF_WEIGHTS, PathLike,
                                config_to_hf, expected_state, family, hf_folder_config, hf_folder_state)
-from moelab.interop.keymap import ours_to_hf
 from moelab.interop.tokenizer_files import (TOKENIZER, check_fits, config_token_ids, read_tokenizer,
                                             special_tokens, tokenizer_files)
-from moelab.runfolder import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_tensors, read_config
+from moelab.runfolder import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_config
 
 # ---------------------------------------------------------------------------------------------
 # writing folders atomically
@@ -109,14 +108,20 @@ def _imported_from(weights: Path) -> Optional[str]:
 
 
 def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: Optional[str] = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, source: str = "auto") -> list[str]:
     """Write a moelab run as a complete HF folder of ``family_name`` (None: ``default_family``):
     config.json with the bos/eos/pad ids, the weights, and when the run has a tokenizer,
     tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json,
     so that ``AutoTokenizer`` knows its special tokens and ``generate`` stops at end of text.
     Weights over ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors`` shards
-    with a ``model.safetensors.index.json``, as transformers writes them. Refuses models the family
-    cannot express; returns notes on what was dropped (training-only settings)."""
+    with a ``model.safetensors.index.json``, as transformers writes them. The weights are read and
+    written a tensor at a time (``moelab.interop.sharded``): ``source`` "auto" reads the newest
+    checkpoint's shards when several processes wrote it, else the run's model.safetensors
+    ("sharded" / "weights" force one). Refuses models the family cannot express, before writing
+    anything; returns notes on what was dropped (training-only settings)."""
+    from moelab.interop.sharded import RunWeights, planned_hf_tensors, write_hf_shards
+    if source not in ("auto", "sharded", "weights"):
+        raise InteropError(f"source = {source!r} is invalid: one of auto, sharded, weights")
     run_dir = Path(run_dir)
     notes: list[str] = []
     if family_name is None:
@@ -126,13 +131,13 @@ def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: Optional[str] =
     try:
         inside(run_dir, "config.json", "RUN: config.json")
         cfg = read_config(run_dir)
-        state = load_tensors(inside(run_dir, WEIGHTS_FILE, "RUN: weights"))
+        inside(run_dir, WEIGHTS_FILE, "RUN: weights")
     except CheckpointError as e:
         raise InteropError(str(e)) from None
-    _check_state(state, expected_state(cfg.model), str(run_dir / WEIGHTS_FILE))
-    dtype = state["embed.weight"].dtype
-    hf_cfg = config_to_hf(cfg.model, family_name, notes, dtype)
-    tensors = ours_to_hf(fam.KEYMAP, cfg.model, state, rope_interleave=True)
+    weights = RunWeights(run_dir, source)
+    _check_shapes(weights.shapes(), expected_state(cfg.model), weights.where)
+    hf_cfg = config_to_hf(cfg.model, family_name, notes, weights.dtype("embed.weight"))
+    planned, made_from = planned_hf_tensors(fam, cfg.model, weights)
     loaded = read_tokenizer(run_dir, "RUN")         # before writing anything: a bad one is refused
     extra_files: dict[str, dict] = {}
     if loaded is None:
@@ -143,18 +148,15 @@ def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: Optional[str] =
         specials = special_tokens(tok)
         hf_cfg.update(config_token_ids(specials))
         extra_files = tokenizer_files(text, specials, cfg.model.max_seq_len)
+    shards = plan_shards(planned, max_shard_bytes)
+    files = [HF_WEIGHTS] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     with _Staging(out_dir) as tmp:
         write_json(tmp / HF_CONFIG, hf_cfg)
-        shards = plan_shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_tensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
-        else:
-            weight_map = {}
-            for i, keys in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_tensors(tmp / name, {k: tensors[k] for k in keys}, {"format": "pt"})
-                weight_map.update(dict.fromkeys(keys, name))
-            total = sum(_nbytes(t) for t in tensors.values())
+        write_hf_shards(tmp, files, shards, planned, made_from, fam, cfg.model, weights)
+        if len(shards) > 1:
+            weight_map = {n: f for f, names in zip(files, shards) for n in names}
+            total = sum(_nbytes(t) for t in planned.values())
             write_json(tmp / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         if loaded is not None:
             write_text_atomic(tmp / TOKENIZER, loaded[1])
@@ -204,10 +206,10 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def _check_state(state: dict, expected: dict, source: str) -> None:
+def _check_shapes(shapes: dict, expected: dict, source: str) -> None:
     from moelab.model.weights import StateMismatch, check_shapes
     try:
-        check_shapes(expected, {k: v.shape for k, v in state.items()}, source, what="its config")
+        check_shapes(expected, shapes, source, what="its config")
     except StateMismatch as e:
         raise InteropError(str(e)) from None
 
