@@ -119,7 +119,9 @@ def write_olmoe_folder(folder: Path, config: dict, shard_bytes: int = 500 * 10**
 # ---------------------------------------------------------------------------------------------
 
 def peak_rss() -> int:
-    """This process's peak resident set size in bytes (Linux reports KiB)."""
+    """getrusage's peak resident set size in bytes (Linux reports KiB). Only a fallback for
+    ``hwm``: Linux carries ru_maxrss across fork and exec, so a process started by a large parent
+    (a pytest that has run for a while, 1.3 GB in CI) reports the parent's peak, not its own."""
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -134,7 +136,8 @@ def reset_peak() -> bool:
 
 
 def hwm() -> int:
-    """VmHWM (the resettable high-water mark), else the getrusage peak."""
+    """This process's peak resident set size: VmHWM (its own memory's high-water mark, reset by
+    ``reset_peak``, starting from zero at exec), else the getrusage peak."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -180,11 +183,11 @@ def worker(folder: Path, run_dir: Path, out: Path, max_bytes: int) -> None:
     t0 = time.perf_counter()
     run = setup(cfg, run_dir, runtime, resume=False, strict_resume=False, init_from=str(folder),
                 command="scale_memory", log=lambda m: None, show_progress=False)
-    load_s, load_peak = time.perf_counter() - t0, peak_rss()
+    load_s, load_peak = time.perf_counter() - t0, hwm()
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in run.model.parameters())
     t0 = time.perf_counter()
     result = train_step(run, 0)
-    step_s, load_step_peak = time.perf_counter() - t0, peak_rss()
+    step_s, load_step_peak = time.perf_counter() - t0, hwm()
     reset = reset_peak()
     t0 = time.perf_counter()
     run.loop.step, run.loop.tokens = 1, cfg.train.batch_size * cfg.train.seq_len
@@ -205,7 +208,7 @@ def exporter(run_dir: Path, out_dir: Path, out: Path) -> None:
     t0 = time.perf_counter()
     from moelab.interop import export_hf
     export_hf(run_dir, out_dir, "olmoe")
-    out.write_text(json.dumps({"export_peak_rss_bytes": peak_rss(), "baseline_rss_bytes": baseline,
+    out.write_text(json.dumps({"export_peak_rss_bytes": hwm(), "baseline_rss_bytes": baseline,
                                "export_s": time.perf_counter() - t0}))
 
 

@@ -16,6 +16,7 @@ its line. Quick stages, and errors found in the first seconds, print nothing ext
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -27,14 +28,26 @@ def no_progress(stage: str, total: int) -> Callable[[int], None]:
     return lambda n: None
 
 
+def _env_seconds(name: str, default: float) -> float:
+    """A non-negative number of seconds from the environment; a bad value falls back to the default
+    (progress is never worth a failed run)."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value >= 0 else default
+
+
 class Progress:
     """``with Progress(name) as p``: ``p.stage(title, total)`` returns an advance callable;
     ``with p.phase(title)`` marks an uncounted phase. ``enabled=False`` (``--quiet``) shows
     nothing; ``log`` receives the pipe lines (default: stderr)."""
 
-    def __init__(self, name: str, *, enabled: bool = True, every: float = 10.0, delay: float = 2.0,
+    def __init__(self, name: str, *, enabled: bool = True, every: float = 10.0, delay: Optional[float] = None,
                  log: Optional[Callable[[str], None]] = None, console=None):
         from rich.console import Console
+        if delay is None:           # MOELAB_PROGRESS_DELAY: seconds before a pipe hears of a stage
+            delay = _env_seconds("MOELAB_PROGRESS_DELAY", 2.0)
         self.name, self.enabled, self.every, self.delay = name, enabled, every, delay
         self.console = console or Console(stderr=True)
         self.terminal = self.enabled and self.console.is_terminal
@@ -111,7 +124,7 @@ class Progress:
         return f"{self.name}: {c['title']}, {elapsed:.0f} s"
 
     def _heartbeat(self) -> None:
-        tick = min(0.25, self.delay, self.every)
+        tick = max(0.05, min(0.25, self.delay, self.every))
         while not self._stop.wait(tick):
             now = time.monotonic()
             with self._lock:
