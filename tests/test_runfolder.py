@@ -152,18 +152,16 @@ def test_metrics_reader_skips_a_torn_line_and_repair_cuts_it(tmp_path):
 
 
 LOAD_RSS = """
-import sys, torch, tokenizers, safetensors
+import resource, sys, torch, tokenizers, safetensors
 import moelab, moelab.generate, moelab.model.weights, moelab.quantize, moelab.runfolder
 # the interpreter's baseline: libraries loaded and their one-time set-up done (a first model built
 # on the meta device initialises ~35 MB of torch internals, whatever the model's size)
 moelab.model.weights.build_on_meta(moelab.resolve_config("dense", ["model.n_layers=1"]).model)
-def hwm():   # VmHWM: this process's own peak (getrusage's carries the parent's across exec)
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-base = hwm()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = moelab.runfolder.load(sys.argv[1], dtype=torch.bfloat16)
 with torch.no_grad():
     total = sum(float(p.sum()) for p in model.parameters())   # read every weight (pages resident)
-peak = hwm()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(peak - base)
 """
 
@@ -181,8 +179,11 @@ def test_loading_bf16_as_bf16_never_holds_a_float32_copy(tmp_path):
     assert weight_bytes > 50 * 2**20
     del model
     env = {**os.environ, "PYTHONPATH": str(Path(moelab.__file__).parents[1])}
-    proc = subprocess.run([sys.executable, "-c", LOAD_RSS, str(tmp_path / "run")], capture_output=True,
-                          text=True, env=env, timeout=600)
+    # started through a bare interpreter: Linux carries ru_maxrss across fork and exec, so a child of
+    # this (large, long-running) pytest process would inherit its peak as a baseline
+    launcher = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+    proc = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-c", LOAD_RSS, str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     peak = int(proc.stdout.strip().splitlines()[-1])
     assert peak > 0.5 * weight_bytes, f"peak {peak:,}: the measurement did not see the weights"
