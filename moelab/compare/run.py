@@ -80,7 +80,9 @@ def _train(args: list[str]) -> tuple[int, bool]:
     one SIGTERM on: the trainer finishes its step, checkpoints and exits (status 75). A second
     signal kills it at once; its previous checkpoint stays intact."""
     from moelab.stop import EXIT_STOPPED
-    proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], start_new_session=True)
+    from moelab.proc import die_with_parent   # kill -9 of compare stops the trainer too
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], start_new_session=True,
+                            preexec_fn=die_with_parent())
     if threading.current_thread() is not threading.main_thread():
         return proc.wait(), False
     requested = []

@@ -16,6 +16,7 @@ shards into one ``model.safetensors`` of full tensors (the run folder's weights)
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,31 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     from safetensors.torch import save_file
 
     get_msd, get_osd, _, _ = _state_dict_api()
-    dcp.save(get_msd(model), storage_writer=HuggingFaceStorageWriter(
-        str(folder / MODEL_DIR), save_distributed=True, enable_consolidation=consolidate))
-    flat, groups = flatten_optimizer(get_osd(model, optimizer))
-    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder / OPTIM_DIR), save_distributed=True))
+    with _disk_errors_as_oserror():
+        dcp.save(get_msd(model), storage_writer=HuggingFaceStorageWriter(
+            str(folder / MODEL_DIR), save_distributed=True, enable_consolidation=consolidate))
+        flat, groups = flatten_optimizer(get_osd(model, optimizer))
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder / OPTIM_DIR), save_distributed=True))
     (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
     save_file(rng_tensors(), str(folder / RNG_DIR / f"rank-{rank:05d}.safetensors"))
     return groups
+
+
+@contextlib.contextmanager
+def _disk_errors_as_oserror():
+    """DCP reports a failed write as a ``CheckpointException`` holding every failing rank's
+    exception (on every rank); a full disk is re-raised as that OSError, so a sharded save fails
+    with the same message naming the file as a one-process save."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except CheckpointException as e:
+        for rank, failure in sorted(e.failures.items()):
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, OSError):
+                raise OSError(error.errno, f"{error.strerror or error} (rank {rank})",
+                              error.filename) from None
+        raise
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:

@@ -4,10 +4,12 @@ live progress bar on a terminal (plain lines at evaluations otherwise)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from moelab.fileio import open_no_follow, refuse_symlink
 from moelab.runfolder import METRICS_FILE, repair_metrics
 
 
@@ -46,7 +48,9 @@ class RunLogger:
     def _append(self, record: dict) -> None:
         if not self.writer:
             return
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        # never through a link: a metrics.jsonl symlink would append to a file outside the run
+        fd = open_no_follow(self.run_dir / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with open(fd, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
@@ -55,6 +59,7 @@ class RunLogger:
         steps that will now be redone) and a torn last line, saying so, so the file reads as one
         uninterrupted run."""
         if self.writer:
+            refuse_symlink(self.run_dir / METRICS_FILE)   # it would read a file outside the run
             message = repair_metrics(self.run_dir, after_step)
             if message:
                 self.warn(message)
@@ -68,6 +73,7 @@ class RunLogger:
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+                refuse_symlink(self.run_dir / "tb")      # events stay inside the run folder
                 self._tb = SummaryWriter(str(self.run_dir / "tb"))
             except Exception as e:  # tensorboard missing or broken: keep training, say so once
                 self.warn(f"TensorBoard logging disabled ({e})")
