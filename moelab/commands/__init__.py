@@ -25,3 +25,38 @@ def config_from_args(args: argparse.Namespace):
 def raise_user(message: str):
     from moelab.cli import UserError
     raise UserError(message)
+
+
+def device_option(name: str, option: str = "--device"):
+    """The torch.device an option names, refused by name when it is malformed or absent here
+    (before any model is read, and instead of torch's own assertion)."""
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise_user(f"{option} {name!r} is invalid: expected cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        raise_user(f"{option} {name!r} is invalid: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise_user(f"{option} {name!r} is invalid: no CUDA device is available here "
+                       "(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise_user(f"{option} {name!r} is invalid: this machine has {torch.cuda.device_count()} "
+                       "CUDA devices")
+    return device
+
+
+def refuse_unwritable(folder, option: str = "--out") -> None:
+    """Refuse an output folder that cannot be created or written, before any work, creating
+    nothing: the nearest existing ancestor must be a writable folder."""
+    import os
+    from pathlib import Path
+    path = Path(folder)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise_user(f"{option} {str(folder)!r} is invalid: {str(probe)!r} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise_user(f"{option} {str(folder)!r} is invalid: {str(probe)!r} is not writable")

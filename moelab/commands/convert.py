@@ -31,9 +31,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moelab.commands import raise_user
+    from moelab.commands import raise_user, refuse_unwritable
     from moelab.interop import InteropError, export_hf, import_hf
     from moelab.interop.folders import parse_size
+    refuse_unwritable(args.out)
     try:
         if args.from_hf:
             if args.family:
@@ -47,6 +48,8 @@ def run(args) -> int:
             summary = {"exported": args.to_hf, "folder": args.out, "family": args.family}
     except InteropError as e:
         raise_user(str(e))
+    except OSError as e:            # an unwritable or full --out folder
+        raise_user(f"--out {args.out!r}: {e.filename or 'a file'}: {e.strerror or e}")
     summary["notes"] = notes
     if args.json:
         print(json.dumps(summary, indent=2))

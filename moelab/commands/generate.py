@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from moelab.commands import raise_user
+from moelab.commands import device_option, raise_user
 
 
 def add_parser(sub) -> None:
@@ -60,13 +60,36 @@ def _load(args):
     return model, model.tokenizer
 
 
+def _check_memory(args) -> None:
+    """Refuse, before reading any weight, a model the device cannot hold: its weights at the
+    compute dtype (bf16 at least, int8 with --quantize) and the KV cache of the tokens to come."""
+    from moelab.accounting import inference_bytes
+    from moelab.resources import available_on, refuse_unless_fits
+    from moelab.runfolder import CheckpointError, read_config
+    try:
+        cfg = read_config(args.run)
+    except CheckpointError as e:
+        raise_user(f"RUN: {e}")
+    m = cfg.model
+    weight_bytes = 1 if args.quantize else (4 if args.dtype == "float32" else 2)
+    needed = inference_bytes(m, weight_bytes, cache_positions=min(args.max_new_tokens, m.max_seq_len)
+                             if args.max_new_tokens > 0 else 0)
+    refuse_unless_fits(needed, available_on(args.device), "generating with this model", args.device,
+                       "use a smaller model, --quantize int8 or --dtype bfloat16")
+
+
 def _prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
     path = Path(args.prompt_file)
     if not path.is_file():
         raise_user(f"--prompt-file {args.prompt_file!r} does not exist")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise_user(f"--prompt-file {args.prompt_file!r} is not UTF-8 text ({e.reason} at byte {e.start:,})")
+    except OSError as e:
+        raise_user(f"--prompt-file {args.prompt_file!r} cannot be read: {e.strerror or e}")
 
 
 def _experts_line(token_text: str, experts, moe_layers: list[int]) -> str:
@@ -86,6 +109,8 @@ def run(args) -> int:
     except GenerationError as e:
         raise_user(e.for_cli())
     prompt = _prompt(args)
+    device_option(args.device)
+    _check_memory(args)
     model, tokenizer = _load(args)
     moe_layers = model.config.moe_layer_indices()
     trace = args.show_experts and bool(moe_layers)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moelab.commands import raise_user
+from moelab.commands import device_option, raise_user, refuse_unwritable
 
 
 def add_parser(sub) -> None:
@@ -64,9 +64,12 @@ def run(args) -> int:
                           ablate_tokens=args.ablate_tokens, against=args.against, prompt=args.prompt,
                           device=args.device, batch_size=args.batch_size, seq_len=args.seq_len,
                           overrides=tuple(args.overrides))
+    out_dir = Path(args.out) if args.out else Path(args.run) / "inspect"
+    if args.device is not None:
+        device_option(args.device)
+    refuse_unwritable(out_dir)                 # before the analysis, not after it
     err = Console(stderr=True)
     bar, stage = _progress_factory(err)
-    out_dir = Path(args.out) if args.out else Path(args.run) / "inspect"
     try:
         if bar is not None:
             bar.start()
@@ -77,7 +80,10 @@ def run(args) -> int:
                 bar.stop()
     except InspectError as e:
         raise_user(str(e))
-    text = write_outputs(result, out_dir)
+    try:
+        text = write_outputs(result, out_dir)
+    except OSError as e:
+        raise_user(f"--out {str(out_dir)!r}: could not write {e.filename or 'the report'}: {e.strerror or e}")
     if args.json:
         sys.stdout.write(text)
         return 0

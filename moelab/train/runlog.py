@@ -29,6 +29,11 @@ class RunLogger:
         self._task = None
         self._tb = None
         self._last_val: Optional[float] = None
+        if writer:
+            # files appended or written in place: a link would lead writes (and a resume's
+            # metrics repair, reads) out of the run folder; refused before anything is written
+            refuse_symlink(run_dir / METRICS_FILE)
+            refuse_symlink(run_dir / "tb")
 
     # ---- plain messages -------------------------------------------------------------------------
     def info(self, message: str) -> None:
