@@ -59,6 +59,7 @@ def run(args) -> int:
     if args.skip_nonfinite:
         overrides.append("train.skip_nonfinite=true")
     command = "moelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cfg, run_dir = None, None
     try:
         if args.resume:
             if args.preset or args.config or args.init_from:
@@ -97,7 +98,30 @@ def run(args) -> int:
         raise_user(str(e))
     except OSError as e:            # a full disk or unwritable folder outside a checkpoint save
         raise_user(f"{e.filename or 'a run file'}: {e.strerror or e}")
+    except RuntimeError as e:
+        lost = _lost_peer(e, cfg, run_dir) if cfg is not None else None
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)     # every rank that meets it says so
+        return 1
     return 0
+
+
+def _lost_peer(e: RuntimeError, cfg, run_dir) -> str | None:
+    """One line for a collective that failed because another process stopped answering
+    (gloo's timeout after parallel.timeout_s, or a closed connection); None for anything else."""
+    text = str(e)
+    rank = os.environ.get("RANK", "0")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    resume = f"the newest checkpoint is intact: continue with `moelab train --resume {run_dir}`"
+    if "Timed out" in text or "timed out" in text:
+        return (f"rank {rank}: a collective waited longer than parallel.timeout_s = "
+                f"{cfg.parallel.timeout_s:g} s for another process (stopped, hung or lost) and "
+                f"the run ended ({first}); {resume}")
+    if "Connection closed by peer" in text or "Connection reset by peer" in text:
+        return (f"rank {rank}: another process of the run closed its connection (it stopped or "
+                f"was killed) and the run ended ({first}); {resume}")
+    return None
 
 
 def _run_files(run_dir: Path) -> list[str]:
