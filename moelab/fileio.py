@@ -80,9 +80,12 @@ def _replace_on_success(path: str | Path) -> Iterator[str]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            # name the file being written, not the temporary (a full disk says where)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     fsync_dir(path.parent)
 

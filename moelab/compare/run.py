@@ -39,7 +39,9 @@ def train_command(unit: dict, state: UnitState, show_progress: bool | None, npro
     if state is UnitState.RESUMABLE:
         args = ["train", "--resume", unit["run_dir"]]
     else:
-        args = ["train", "--out", unit["run_dir"], *unit["train_args"]]
+        # a unit with no checkpoint yet may hold what a killed first start wrote (config,
+        # metrics): nothing to keep, and `train --out` refuses such a folder without --overwrite
+        args = ["train", "--out", unit["run_dir"], "--overwrite", *unit["train_args"]]
     if nproc > 1:
         args += ["--nproc", str(nproc)]
     if show_progress is False:

@@ -54,10 +54,14 @@ class RunLogger:
         if not self.writer:
             return
         # never through a link: a metrics.jsonl symlink would append to a file outside the run
-        fd = open_no_follow(self.run_dir / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        with open(fd, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        path = self.run_dir / METRICS_FILE
+        fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            with open(fd, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as e:                   # a full disk: say which file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
     def repair_metrics(self, after_step: int) -> None:
         """Before a resume: drop records logged after the checkpoint (a killed run may have logged
