@@ -19,8 +19,6 @@ import signal
 import sys
 from typing import Optional
 
-from moelab.config import ConfigError
-
 # command name -> module in moelab.commands exposing add_parser(subparsers)
 COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan",
             "inspect"]
@@ -87,6 +85,9 @@ def _run_interruptible(argv: list[str] | None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    # imported here, not at the top: the console script imports this module before main()
+    # can catch a Ctrl-C, so the module itself stays quick to import
+    from moelab.config import ConfigError
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]   # for commands that relaunch
