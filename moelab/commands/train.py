@@ -187,7 +187,9 @@ def _check_memory(cfg, nproc) -> None:
     t = cfg.train
     world = nproc or int(os.environ.get("WORLD_SIZE") or 1)
     local = nproc or int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    per_process = training_bytes_per_process(cfg.model, t.batch_size * t.grad_accum, t.seq_len, world)
+    # activations are those of one micro-batch: gradient accumulation runs them one at a time
+    per_process = training_bytes_per_process(cfg.model, t.batch_size, t.seq_len, world,
+                                             cfg.parallel.activation_checkpointing)
     on = f" on {local} processes" if local > 1 else ""
     advice = "make the model (model.*) or the batch (train.batch_size, train.seq_len) smaller"
     if t.device == "cuda" or (t.device == "auto" and _cuda_available()):
