@@ -220,10 +220,10 @@ def inference_bytes(cfg: ModelConfig, weight_bytes: float = 4, batch: int = 1, s
 
 def training_bytes_per_process(cfg: ModelConfig, batch: int, seq_len: int, world_size: int = 1,
                                 activation_checkpointing: bool = False) -> int:
-    """What one of ``world_size`` training processes holds at least: every process builds the
-    full fp32 model before FSDP shards it, and after sharding its share of weights, gradients,
-    AdamW states and the activations of its rows of the global ``batch`` (left out with
-    activation checkpointing, which keeps far fewer)."""
+    """What one of ``world_size`` training processes holds at least: the model is built on the
+    meta device and sharded before any weight exists (``trainer._build_model``), so each process
+    holds its share of weights, gradients, AdamW states and the activations of its rows of the
+    global ``batch`` (left out with activation checkpointing, which keeps far fewer)."""
     mem = memory_estimate(cfg, batch, seq_len)
     total = mem["total"] - (mem["activations"] if activation_checkpointing else 0)
-    return max(mem["weights"], total // max(1, world_size))
+    return total // max(1, world_size)

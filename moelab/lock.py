@@ -38,7 +38,7 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
-        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o666)   # mode: what the umask gives
         if not _try_lock(fd):
             holder = _read_holder(fd)
             os.close(fd)

@@ -135,7 +135,6 @@ ROWS = [
     Row("plan-gpus-0", ("plan", "--preset", "dense", "--gpus", "0", "--gpu-memory", "80GiB"), ("--gpus",)),
     Row("plan-gpu-memory-abc", ("plan", "--preset", "dense", "--gpus", "8", "--gpu-memory", "abc"),
         ("--gpu-memory",)),
-    Row("convert-no-family", ("convert", "--to-hf", "{run}", "--out", "{tmp}/hf"), ("--family",)),
     Row("convert-missing-hf", ("convert", "--from-hf", "{tmp}/nowhere", "--out", "{tmp}/imp"), ("nowhere",)),
 ]
 

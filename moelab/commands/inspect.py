@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moelab.commands import device_option, raise_user, refuse_unwritable
+from moelab.commands import check_device, raise_user, refuse_unwritable
 
 
 def add_parser(sub) -> None:
@@ -36,21 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override how tokens are read, e.g. --set data.max_bytes=2000000 (data.*, train.*)")
     p.add_argument("--json", action="store_true", help="print inspect.json's content instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.set_defaults(func=run)
-
-
-def _progress_factory(console):
-    """Stage -> advance callable, drawing a rich bar per stage on a terminal, nothing otherwise."""
-    if not console.is_terminal:
-        return None, lambda stage, total: (lambda n: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=console, transient=True)
-
-    def stage(name: str, total: int):
-        task = bar.add_task(name, total=total)
-        return lambda n: bar.advance(task, n)
-    return bar, stage
 
 
 def run(args) -> int:
@@ -58,6 +45,7 @@ def run(args) -> int:
 
     from moelab.inspect import InspectError, InspectOptions, inspect_run
     from moelab.inspect.report import print_summary, write_outputs
+    from moelab.progress import Progress
 
     opts = InspectOptions(tokens=args.tokens, corpus=args.corpus, split=args.split,
                           categories=args.categories, ablate=args.ablate,
@@ -66,24 +54,20 @@ def run(args) -> int:
                           overrides=tuple(args.overrides))
     out_dir = Path(args.out) if args.out else Path(args.run) / "inspect"
     if args.device is not None:
-        device_option(args.device)
+        check_device(args.device)
     refuse_unwritable(out_dir)                 # before the analysis, not after it
-    err = Console(stderr=True)
-    bar, stage = _progress_factory(err)
-    try:
-        if bar is not None:
-            bar.start()
+    with Progress("inspect", enabled=not args.quiet) as progress:
         try:
-            result = inspect_run(args.run, opts, progress=stage)
-        finally:
-            if bar is not None:
-                bar.stop()
-    except InspectError as e:
-        raise_user(str(e))
-    try:
-        text = write_outputs(result, out_dir)
-    except OSError as e:
-        raise_user(f"--out {str(out_dir)!r}: could not write {e.filename or 'the report'}: {e.strerror or e}")
+            progress.stage("reading the run and its held-out tokens", None)   # until routing starts
+            result = inspect_run(args.run, opts, progress=progress.stage)
+        except InspectError as e:
+            raise_user(str(e))
+        with progress.phase("writing inspect.json, report.md and the plots"):
+            try:
+                text = write_outputs(result, out_dir)
+            except OSError as e:
+                raise_user(f"--out {str(out_dir)!r}: could not write {e.filename or 'the report'}: "
+                           f"{e.strerror or e}")
     if args.json:
         sys.stdout.write(text)
         return 0

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from moelab.commands import add_config_args, config_from_args, raise_user
+from moelab.commands import add_config_args, add_output_args, config_from_args, message_sink, raise_user
 
 # What makes a folder someone's model or run: `--out` refuses a folder holding any of these
 # (unless --overwrite). The lock file alone is not a run: a refused or killed writer leaves it.
@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
                    help="train on N processes of this machine: starts torchrun --standalone for you "
                         "(gloo on CPU, nccl on GPUs); for several machines run torchrun yourself")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    add_output_args(p)
+    p.add_argument("--quiet-data", action="store_true",
+                   help="do not print the data preparation lines (compare prints them once)")
     p.set_defaults(func=run)
 
 
@@ -85,12 +88,15 @@ def run(args) -> int:
             if os.environ.get("RANK", "0") == "0":           # under torchrun rank 0 speaks for all
                 _claim_out_dir(run_dir, args.overwrite)
             resume = False
+        from moelab.train.trackers import check_available
+        check_available(cfg.train.trackers)               # a missing wandb/mlflow: exit 2 now
         _check_memory(cfg, args.nproc)
         if args.nproc is not None:
             from moelab.parallel.launch import launch_torchrun
             return launch_torchrun(args.nproc, cfg, run_dir, _without_nproc(args.argv))
+        log = message_sink(args, hide=("data: ",) if args.quiet_data else ())
         train(cfg, run_dir, resume=resume, strict_resume=args.strict_resume, init_from=args.init_from,
-              command=command, show_progress=False if args.no_progress else None)
+              command=command, show_progress=False if args.no_progress or args.quiet else None, log=log)
     except StoppedByRequest as e:
         print(str(e), file=sys.stderr)
         return EXIT_STOPPED
@@ -180,9 +186,9 @@ def _check_init_weights(source: str, cfg) -> None:
 
 
 def _check_memory(cfg, nproc) -> None:
-    """Refuse, before anything is allocated, a run this machine cannot hold: every process builds
-    the full fp32 model (on the CPU), then holds its share of the training state (RAM, or its GPU)."""
-    from moelab.accounting import memory_estimate, training_bytes_per_process
+    """Refuse, before anything is allocated, a run this machine cannot hold: each process holds
+    its share of the training state (the model is sharded before it is filled), in RAM or on its GPU."""
+    from moelab.accounting import training_bytes_per_process
     from moelab.resources import available_on, available_ram, refuse_unless_fits
     t = cfg.train
     world = nproc or int(os.environ.get("WORLD_SIZE") or 1)
@@ -193,9 +199,6 @@ def _check_memory(cfg, nproc) -> None:
     on = f" on {local} processes" if local > 1 else ""
     advice = "make the model (model.*) or the batch (train.batch_size, train.seq_len) smaller"
     if t.device == "cuda" or (t.device == "auto" and _cuda_available()):
-        weights = memory_estimate(cfg.model, 1, 1)["weights"]
-        refuse_unless_fits(weights * local, available_ram(), f"building this model in fp32{on}",
-                           "this machine's RAM", advice)
         if nproc is None:             # a launcher leaves the GPUs to its workers
             gpu = f"cuda:{int(os.environ.get('LOCAL_RANK') or 0)}"
             refuse_unless_fits(per_process, available_on(gpu), "training this model", gpu, advice)
