@@ -203,3 +203,27 @@ def describe(cfg: ModelConfig, batch: int = 8, seq_len: int | None = None) -> di
         "attention": cfg.attention,
         "layers": [asdict(c) for c in layer_counts(cfg)],
     }
+
+
+def inference_bytes(cfg: ModelConfig, weight_bytes: float = 4, batch: int = 1, seq_len: int | None = None,
+                    cache_positions: int = 0) -> int:
+    """The least a forward pass without gradients holds: every weight in its dtype, the fp32
+    logits of ``batch`` x ``seq_len`` positions and a KV cache (bf16) of ``cache_positions``
+    per sequence. A floor, not an estimate of the peak: commands refuse what cannot fit even so."""
+    from moelab.model.attention import cache_bytes_per_token
+    T = seq_len or 1
+    weights = int(param_counts(cfg)["total"] * weight_bytes)
+    logits = batch * T * cfg.vocab_size * 4
+    cache = batch * cache_positions * cache_bytes_per_token(cfg, 2) if cfg.causal else 0
+    return weights + logits + cache
+
+
+def training_bytes_per_process(cfg: ModelConfig, batch: int, seq_len: int, world_size: int = 1,
+                                activation_checkpointing: bool = False) -> int:
+    """What one of ``world_size`` training processes holds at least: the model is built on the
+    meta device and sharded before any weight exists (``trainer._build_model``), so each process
+    holds its share of weights, gradients, AdamW states and the activations of its rows of the
+    global ``batch`` (left out with activation checkpointing, which keeps far fewer)."""
+    mem = memory_estimate(cfg, batch, seq_len)
+    total = mem["total"] - (mem["activations"] if activation_checkpointing else 0)
+    return total // max(1, world_size)

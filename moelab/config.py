@@ -51,6 +51,26 @@ Objective = Literal["clm", "mlm"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 ROUTER_KINDS = typing.get_args(RouterKind)
+
+# Upper bounds on every size and count a user or a file can set: about ten times the largest
+# released models' (DeepSeek-V3: vocab 129,280, d_model 7,168, 61 layers, 128 heads, 256 experts,
+# FFN 18,432, 163,840 positions, 14.8T training tokens), so no real model is refused, while a typo
+# or a hostile config.json is refused by name before anything is allocated or looped over.
+MAX_VOCAB = 2**21            # tokens in the vocabulary
+MAX_WIDTH = 2**18            # d_model, FFN and expert widths, MLA ranks
+MAX_LAYERS = 1024
+MAX_HEADS = 2048             # attention heads (and KV heads)
+MAX_HEAD_DIM = 4096
+MAX_EXPERTS = 4096           # routed or shared experts per layer, groups, expert-parallel degree
+MAX_SEQ_LEN = 2**24          # positions (Llama 4 Scout: 10M)
+MAX_BATCH = 2**20            # sequences per batch, micro-batches, evaluation batches
+MAX_STEPS = 10**9            # optimiser steps (and step intervals)
+MAX_TOKENS = 10**15          # a token budget
+MAX_MINUTES = 10**7          # a time budget (19 years)
+MAX_BYTES = 2**50            # data.max_bytes (1 PiB)
+MAX_PROCESSES = 2**20        # parallel.dp_shard
+MAX_SEED = 2**63 - 1         # what torch.manual_seed and numpy accept
+MAX_TIMEOUT_S = 7 * 24 * 3600
 # Routers whose choice for one token depends on the other tokens of its batch or sequence (expert
 # choice, Zhou et al. 2022: each expert takes its top-scoring tokens). In a causal decoder future
 # tokens would steer past ones in training, and generation has no future to look at, so these
@@ -262,6 +282,9 @@ class ParallelConfig:
 
     ep: int = 1                        # expert-parallel degree (ranks each MoE layer's experts split over)
     dp_shard: int = -1                 # FSDP2 sharding degree; -1 = all ranks; beyond it ranks replicate
+    # seconds any collective may wait for the other processes before the run stops with an
+    # error naming this key (a stopped, hung or lost process); passed to init_process_group
+    timeout_s: float = 300.0
     # recompute each block's activations in the backward (torch.utils.checkpoint): less memory,
     # about a third more compute
     activation_checkpointing: bool = False
@@ -293,6 +316,7 @@ class Config:
         _validate_train(self.train)
         _validate_data(self.data)
         _validate_parallel(self.parallel)
+        _validate_expert_parallel(self.parallel, self.model)
         if self.train.objective == "mlm" and self.model.causal:
             _fail("train.objective", self.train.objective,
                   "needs a bidirectional model: set model.causal = false")
@@ -337,14 +361,26 @@ def _at_least(path: str, value: float, low: float) -> None:
         _fail(path, value, f"must be >= {low}")
 
 
+def _at_most(path: str, value: float, high: float) -> None:
+    if value > high:
+        _fail(path, value, f"must be <= {high:,}")
+
+
+def _in_range(path: str, value: float, high: float) -> None:
+    """A positive size or count no larger than ``high``."""
+    if not 0 < value <= high:
+        _fail(path, value, f"must be > 0 and <= {high:,}")
+
+
 def _one_of(path: str, value: Any, options: tuple) -> None:
     if value not in options:
         _fail(path, value, f"must be one of {', '.join(map(str, options))}")
 
 
 def _validate_model(m: ModelConfig, p: str = "model") -> None:
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
-        _positive(f"{p}.{name}", getattr(m, name))
+    for name, high in (("vocab_size", MAX_VOCAB), ("d_model", MAX_WIDTH), ("n_layers", MAX_LAYERS),
+                       ("n_heads", MAX_HEADS), ("ffn_hidden", MAX_WIDTH), ("max_seq_len", MAX_SEQ_LEN)):
+        _in_range(f"{p}.{name}", getattr(m, name), high)
     _positive(f"{p}.rope_theta", m.rope_theta)
     _positive(f"{p}.norm_eps", m.norm_eps)
     _positive(f"{p}.init_std", m.init_std)
@@ -354,11 +390,13 @@ def _validate_model(m: ModelConfig, p: str = "model") -> None:
         if m.d_model % m.n_heads:
             _fail(f"{p}.n_heads", m.n_heads, f"must divide d_model ({m.d_model})")
     else:
-        _positive(f"{p}.head_dim", m.head_dim)
+        _in_range(f"{p}.head_dim", m.head_dim, MAX_HEAD_DIM)
+    if m.attention == "gqa" and m.attn_head_dim > MAX_HEAD_DIM:
+        _fail(f"{p}.head_dim", m.attn_head_dim, f"must be <= {MAX_HEAD_DIM:,}")
     if m.attention == "gqa" and m.attn_head_dim % 2:
         _fail(f"{p}.head_dim", m.attn_head_dim, "must be even for RoPE")
     if m.n_kv_heads is not None:
-        _positive(f"{p}.n_kv_heads", m.n_kv_heads)
+        _in_range(f"{p}.n_kv_heads", m.n_kv_heads, MAX_HEADS)
         if m.n_heads % m.n_kv_heads:
             _fail(f"{p}.n_kv_heads", m.n_kv_heads, f"must divide n_heads ({m.n_heads})")
     if m.attention == "mla":
@@ -375,7 +413,7 @@ def _validate_rope_scaling(r: RopeScalingConfig, p: str) -> None:
     if r.kind in ("llama3", "yarn"):
         if r.original_max_seq_len is None:
             _fail(f"{p}.original_max_seq_len", None, f"must be set (> 0) for kind = {r.kind!r}")
-        _positive(f"{p}.original_max_seq_len", r.original_max_seq_len)
+        _in_range(f"{p}.original_max_seq_len", r.original_max_seq_len, MAX_SEQ_LEN)
     if r.kind == "llama3":
         _positive(f"{p}.low_freq_factor", r.low_freq_factor)
         if not r.high_freq_factor > r.low_freq_factor:
@@ -391,14 +429,14 @@ def _validate_rope_scaling(r: RopeScalingConfig, p: str) -> None:
 
 
 def _validate_mla(a: MLAConfig, p: str) -> None:
-    _positive(f"{p}.kv_lora_rank", a.kv_lora_rank)
+    _in_range(f"{p}.kv_lora_rank", a.kv_lora_rank, MAX_WIDTH)
     if a.q_lora_rank is not None:
-        _positive(f"{p}.q_lora_rank", a.q_lora_rank)
-    _positive(f"{p}.qk_nope_head_dim", a.qk_nope_head_dim)
-    _positive(f"{p}.qk_rope_head_dim", a.qk_rope_head_dim)
+        _in_range(f"{p}.q_lora_rank", a.q_lora_rank, MAX_WIDTH)
+    _in_range(f"{p}.qk_nope_head_dim", a.qk_nope_head_dim, MAX_HEAD_DIM)
+    _in_range(f"{p}.qk_rope_head_dim", a.qk_rope_head_dim, MAX_HEAD_DIM)
     if a.qk_rope_head_dim % 2:
         _fail(f"{p}.qk_rope_head_dim", a.qk_rope_head_dim, "must be even for RoPE")
-    _positive(f"{p}.v_head_dim", a.v_head_dim)
+    _in_range(f"{p}.v_head_dim", a.v_head_dim, MAX_HEAD_DIM)
 
 
 def _validate_moe(m: ModelConfig, p: str) -> None:
@@ -412,11 +450,11 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
                       f"layer index {i} is outside the model: must be in [0, {m.n_layers - 1}]")
         if len(set(moe.layers)) != len(moe.layers):
             _fail(f"{p}.layers", list(moe.layers), "must not repeat a layer index")
-    _positive(f"{p}.every", moe.every)
+    _in_range(f"{p}.every", moe.every, MAX_LAYERS)
     if not 0 <= moe.first_dense <= m.n_layers:
         _fail(f"{p}.first_dense", moe.first_dense, f"must be in [0, n_layers={m.n_layers}]")
-    _positive(f"{p}.num_experts", moe.num_experts)
-    _positive(f"{p}.expert_hidden", moe.expert_hidden)
+    _in_range(f"{p}.num_experts", moe.num_experts, MAX_EXPERTS)
+    _in_range(f"{p}.expert_hidden", moe.expert_hidden, MAX_WIDTH)
     _one_of(f"{p}.router", moe.router, ROUTER_KINDS)
     if moe.router in SEQUENCE_ROUTER_KINDS and m.causal:
         _fail(f"{p}.router", moe.router, "routes each token by looking at the whole batch or "
@@ -426,7 +464,7 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
     _one_of(f"{p}.balance_scope", moe.balance_scope, typing.get_args(BalanceScope))
     if moe.top_k < 1:
         _fail(f"{p}.top_k", moe.top_k, "must be >= 1")
-    _positive(f"{p}.n_groups", moe.n_groups)           # before it divides below
+    _in_range(f"{p}.n_groups", moe.n_groups, MAX_EXPERTS)    # before it divides below
     n_moe = len(m.moe_layer_indices())
     counts = [moe.num_experts] if moe.num_experts_per_layer is None else list(moe.num_experts_per_layer)
     if moe.num_experts_per_layer is not None and len(counts) != n_moe:
@@ -434,8 +472,8 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
               f"needs one count per MoE layer ({n_moe} MoE layers)")
     for e in counts:
         field_name = "num_experts" if moe.num_experts_per_layer is None else "num_experts_per_layer"
-        if e < 1:
-            _fail(f"{p}.{field_name}", e, "must be >= 1")
+        if not 1 <= e <= MAX_EXPERTS:
+            _fail(f"{p}.{field_name}", e, f"must be >= 1 and <= {MAX_EXPERTS:,}")
         if moe.top_k > e:
             _fail(f"{p}.top_k", moe.top_k, f"must be between 1 and num_experts ({e})")
         if e % moe.n_groups:
@@ -455,32 +493,37 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
     for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate",
                  "num_shared_experts"):
         _at_least(f"{p}.{name}", getattr(moe, name), 0)
+    _at_most(f"{p}.num_shared_experts", moe.num_shared_experts, MAX_EXPERTS)
     if moe.shared_expert_hidden is not None:
-        _positive(f"{p}.shared_expert_hidden", moe.shared_expert_hidden)
+        _in_range(f"{p}.shared_expert_hidden", moe.shared_expert_hidden, MAX_WIDTH)
 
 
 def _validate_train(t: TrainConfig, p: str = "train") -> None:
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                 "save_every", "keep_checkpoints", "log_every"):
-        _positive(f"{p}.{name}", getattr(t, name))
+    for name, high in (("max_steps", MAX_STEPS), ("batch_size", MAX_BATCH), ("seq_len", MAX_SEQ_LEN),
+                       ("grad_accum", MAX_BATCH), ("eval_every", MAX_STEPS), ("eval_batches", MAX_BATCH),
+                       ("save_every", MAX_STEPS), ("keep_checkpoints", MAX_STEPS), ("log_every", MAX_STEPS)):
+        _in_range(f"{p}.{name}", getattr(t, name), high)
     _positive(f"{p}.lr", t.lr)
     if not 0 <= t.min_lr_ratio <= 1:
         _fail(f"{p}.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _at_least(f"{p}.warmup_steps", t.warmup_steps, 0)
+    _at_most(f"{p}.warmup_steps", t.warmup_steps, MAX_STEPS)
+    if not 0 <= t.seed <= MAX_SEED:
+        _fail(f"{p}.seed", t.seed, f"must be in [0, {MAX_SEED:,}]")
     _at_least(f"{p}.weight_decay", t.weight_decay, 0)
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
             _fail(f"{p}.{name}", getattr(t, name), "must be in [0, 1)")
     _at_least(f"{p}.grad_clip", t.grad_clip, 0)
     if t.save_every_minutes is not None:
-        _positive(f"{p}.save_every_minutes", t.save_every_minutes)
+        _in_range(f"{p}.save_every_minutes", t.save_every_minutes, MAX_MINUTES)
     _one_of(f"{p}.objective", t.objective, typing.get_args(Objective))
     if not 0 < t.mlm_probability < 1:
         _fail(f"{p}.mlm_probability", t.mlm_probability, "must be in (0, 1)")
     if t.max_tokens is not None:
-        _positive(f"{p}.max_tokens", t.max_tokens)
+        _in_range(f"{p}.max_tokens", t.max_tokens, MAX_TOKENS)
     if t.max_minutes is not None:
-        _positive(f"{p}.max_minutes", t.max_minutes)
+        _in_range(f"{p}.max_minutes", t.max_minutes, MAX_MINUTES)
     _one_of(f"{p}.device", t.device, ("auto", "cpu", "cuda"))
     for tracker in t.trackers:
         _one_of(f"{p}.trackers", tracker, typing.get_args(Tracker))
@@ -493,16 +536,32 @@ def _validate_train(t: TrainConfig, p: str = "train") -> None:
 def _validate_parallel(par: ParallelConfig, p: str = "parallel") -> None:
     """Field ranges only; whether a layout fits a world size and the model is checked by
     ``moelab.parallel.layout`` once the number of processes is known."""
-    _positive(f"{p}.ep", par.ep)
-    if par.dp_shard != -1 and par.dp_shard < 1:
-        _fail(f"{p}.dp_shard", par.dp_shard, "must be >= 1, or -1 for all ranks")
+    _in_range(f"{p}.ep", par.ep, MAX_EXPERTS)
+    if par.dp_shard != -1 and not 1 <= par.dp_shard <= MAX_PROCESSES:
+        _fail(f"{p}.dp_shard", par.dp_shard, f"must be >= 1 and <= {MAX_PROCESSES:,}, or -1 for all ranks")
+    _in_range(f"{p}.timeout_s", par.timeout_s, MAX_TIMEOUT_S)
+
+
+def _validate_expert_parallel(par: ParallelConfig, m: ModelConfig) -> None:
+    """An expert-parallel degree no world size can run is refused at once, even by a
+    one-process run that would ignore it (its checkpoint would resume nowhere with it)."""
+    if par.ep == 1:
+        return
+    layers = m.moe_layer_indices()
+    if not layers:
+        _fail("parallel.ep", par.ep, "the model has no MoE layers (use parallel.ep = 1 for a dense model)")
+    for layer in layers:
+        experts = m.experts_in_layer(layer)
+        if experts % par.ep:
+            _fail("parallel.ep", par.ep, f"must divide the expert count of every MoE layer "
+                  f"(layer {layer} has {experts})")
 
 
 def _validate_data(d: DataConfig, p: str = "data") -> None:
     if not 0 < d.val_fraction < 1:
         _fail(f"{p}.val_fraction", d.val_fraction, "must be in (0, 1)")
     if d.max_bytes is not None:
-        _positive(f"{p}.max_bytes", d.max_bytes)
+        _in_range(f"{p}.max_bytes", d.max_bytes, MAX_BYTES)
     if not d.corpus:
         _fail(f"{p}.corpus", d.corpus, "must name 'stdlib' or a path")
 

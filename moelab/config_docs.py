@@ -37,7 +37,7 @@ PROBE_CONTEXTS: dict[str, list[dict[str, Any]]] = {
                             for kind in ("linear", "llama3", "yarn")],
     "train.mlm_probability": [{"train.objective": "mlm", "model.causal": False}],
 }
-PROBES = {int: [0, -1, 10**15], float: [0.0, -1.0, 1.0, 1e15]}
+PROBES = {int: [0, -1, 7, 10**15], float: [0.0, -1.0, 1.0, 1e15]}
 # validate() lists the MoE layers out of range(n_layers): a probe above any upper bound it may
 # have must still be affordable to list
 SMALLER_HUGE = {"model.n_layers": 10**6}

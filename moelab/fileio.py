@@ -1,8 +1,13 @@
-"""Files that are either complete or absent.
+"""Files that are either complete or absent, and never written through a symbolic link.
 
 Checkpoints, run files and data caches are all written to a temporary name in the same folder,
 flushed and fsynced, then renamed over the final name (``os.replace`` is atomic on POSIX and
 Windows). A run killed half way through a write leaves the previous file, never a half one.
+
+Links: the temporary file is created exclusively (``mkstemp``: ``O_CREAT | O_EXCL``, which fails
+on an existing link), and renaming over a final name that is a symbolic link replaces the link
+itself, never the file it points to. Files moelab opens in place (the lock, metrics.jsonl
+appends) go through :func:`open_no_follow`, which refuses a link by name.
 
 ``tempfile`` creates its files 0600 and folders 0700 whatever the umask, which would make every
 run file private after the rename and break sharing runs on a cluster. So a new file gets the
@@ -12,6 +17,7 @@ and temporary folders that become outputs get 0777 minus the umask.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -19,6 +25,38 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
+
+
+class SymlinkRefused(OSError):
+    """A run-folder file moelab writes in place is a symbolic link: it is not followed."""
+
+
+def open_no_follow(path: str | Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (``O_NOFOLLOW`` where the system has
+    it; a check by name elsewhere), so a link planted in a run folder cannot redirect a write
+    to a file outside it. Raises :class:`SymlinkRefused` naming the file."""
+    path = str(path)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if not nofollow and os.path.islink(path):      # pragma: no cover - Windows
+        raise _refused(path)
+    try:
+        return os.open(path, flags | nofollow, mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):   # EMLINK: FreeBSD
+            raise _refused(path) from None
+        raise
+
+
+def refuse_symlink(path: str | Path) -> None:
+    """Raise :class:`SymlinkRefused` when ``path`` is a symbolic link (for files read and then
+    rewritten in place, such as metrics.jsonl on a resume)."""
+    if os.path.islink(path):
+        raise _refused(str(path))
+
+
+def _refused(path: str) -> SymlinkRefused:
+    return SymlinkRefused(errno.ELOOP, "is a symbolic link; moelab does not read or write through links "
+                          "in a run folder (remove the link, or use another folder)", path)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -81,11 +119,38 @@ def _replace_on_success(path: str | Path) -> Iterator[str]:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)           # writers that recreate the file (safetensors) get it too
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            # name the file being written, not the temporary (a full disk says where)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     fsync_dir(path.parent)
+
+
+def remove_temporaries(folder: str | Path) -> list[str]:
+    """Delete what interrupted writes left in ``folder``: ``.NAME.XXXX.tmp`` files (a kill during
+    an atomic write) and ``.ckpt-XXXXXXXX.tmp`` folders (a kill during a checkpoint). Call it only
+    while holding the folder's lock, when no write of this folder can be in flight. Returns the
+    names removed. A link is removed itself, never followed."""
+    import shutil
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if not (p.name.startswith(".") and p.name.endswith(".tmp")):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.unlink()
+            except OSError:
+                continue
+        removed.append(p.name)
+    return sorted(removed)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

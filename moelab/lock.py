@@ -3,7 +3,8 @@
 The kernel releases the lock when the holding process dies, however it dies (kill -9 included),
 so a crashed run never leaves a stale lock behind. While held, the file names its holder (pid,
 host, start time, command) so that a second writer can be refused with who holds it. Opening the
-lock file does not modify it, so a refused writer changes nothing in the folder.
+lock file does not modify it, so a refused writer changes nothing in the folder; a symbolic link
+in its place is refused, never followed (its target would be truncated).
 
 POSIX ``flock`` (Linux, macOS); on Windows ``msvcrt.locking`` on the file's first byte. On network
 file systems without lock support the lock may not hold across machines (as for any flock user).
@@ -18,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from moelab.fileio import open_no_follow
 
 LOCK_FILE = ".lock"
 
@@ -35,7 +38,7 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)   # mode: what the umask gives
+        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o666)   # mode: what the umask gives
         if not _try_lock(fd):
             holder = _read_holder(fd)
             os.close(fd)

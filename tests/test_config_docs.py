@@ -53,5 +53,5 @@ def test_comments_are_read_from_the_line_and_the_lines_above():
 
 def test_ranges_come_from_the_validator(rendered):
     assert config_docs.allowed_range("train.min_lr_ratio", float) == "in [0, 1]"
-    assert config_docs.allowed_range("model.d_model", int) == "> 0"
+    assert config_docs.allowed_range("model.d_model", int) == "> 0 and <= 262,144"
     assert "each one of tensorboard, wandb, mlflow" in rendered

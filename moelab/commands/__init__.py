@@ -87,3 +87,18 @@ def message_sink(args: argparse.Namespace, hide: tuple[str, ...] = ()):
 def raise_user(message: str):
     from moelab.cli import UserError
     raise UserError(message)
+
+
+def refuse_unwritable(folder, option: str = "--out") -> None:
+    """Refuse an output folder that cannot be created or written, before any work, creating
+    nothing: the nearest existing ancestor must be a writable folder."""
+    import os
+    from pathlib import Path
+    path = Path(folder)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise_user(f"{option} {str(folder)!r}: cannot write there: {str(probe)!r} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise_user(f"{option} {str(folder)!r}: cannot write there: {str(probe)!r} is not writable")

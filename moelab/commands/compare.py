@@ -92,6 +92,43 @@ def _plan_options_given(args) -> list[str]:
     return [f"--{'set' if k == 'overrides' else k}" for k, v in defaults.items() if getattr(args, k) != v]
 
 
+def _unit_config(unit: dict):
+    """A unit's Config from its stored `moelab train` arguments (--preset/--config, --set ...)."""
+    from moelab import resolve_config
+    args, spec, overrides = unit["train_args"], None, []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in ("--preset", "--config"):
+            spec = value
+        elif flag == "--set":
+            overrides.append(value)
+    return resolve_config(spec, overrides)
+
+
+def _check_measurable(plan: dict) -> None:
+    """Every unit's validation split must hold the windows compare scores after training (the
+    trainer checks its own, but not the inference prompts), so a too-short split is refused
+    before hours of training rather than in scoring, on every --resume again."""
+    from moelab.compare.measure import PROMPTS, prompt_tokens
+    from moelab.data import DataError, prepare_data
+    seen = set()
+    for unit in plan["units"]:
+        cfg = _unit_config(unit)
+        key = (repr(cfg.data), cfg.model.vocab_size, cfg.model.max_seq_len, cfg.train.seq_len)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            val = len(prepare_data(cfg.data, cfg.model.vocab_size, log=lambda _m: None).val_tokens)
+        except DataError as e:
+            raise_user(f"{unit['id']}: {e}")
+        need = max(prompt_tokens(cfg.model), cfg.train.seq_len) + 1
+        if val < need:
+            raise_user(f"{unit['id']}: the validation split holds {val:,} tokens, fewer than the "
+                       f"{need:,} compare scores each model on ({PROMPTS} prompts of "
+                       f"{prompt_tokens(cfg.model)} tokens, windows of train.seq_len = "
+                       f"{cfg.train.seq_len}); use more data (data.max_bytes, data.val_fraction)")
+
+
 def run(args) -> int:
     global _sink
     _sink = message_sink(args)
@@ -125,6 +162,7 @@ def run(args) -> int:
         for unit in plan["units"]:
             _log(f"  {unit['id']}: moelab train --out {unit['run_dir']} " + " ".join(shlex.quote(a) for a in unit["train_args"]))
         return 0
+    _check_measurable(plan)                 # before any unit trains (and on every --resume)
     try:
         lock = FolderLock(out_dir, "compare").acquire()     # one compare writes a folder at a time
     except FolderLockedError as e:

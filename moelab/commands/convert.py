@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moelab.commands import raise_user
+    from moelab.commands import raise_user, refuse_unwritable
     from moelab.interop import InteropError, export_hf, import_hf
     from moelab.interop.folders import default_family, parse_size
     try:
@@ -53,6 +53,7 @@ def run(args) -> int:
             raise_user("--type is for --to-gguf")
         if args.to_gguf:
             return _to_gguf(args)
+        refuse_unwritable(args.out)
         if args.from_hf:
             if args.family:
                 raise_user("--family is for --to-hf; an import reads the family from config.json")
@@ -66,6 +67,8 @@ def run(args) -> int:
             summary = {"exported": args.to_hf, "folder": args.out, "family": family}
     except InteropError as e:
         raise_user(str(e))
+    except OSError as e:            # an unwritable or full --out folder
+        raise_user(f"--out {args.out!r}: {e.filename or 'a file'}: {e.strerror or e}")
     summary["notes"] = notes
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -77,13 +80,14 @@ def run(args) -> int:
 
 
 def _to_gguf(args) -> int:
-    from moelab.commands import raise_user
+    from moelab.commands import raise_user, refuse_unwritable
     from moelab.interop import InteropError
     from moelab.interop.gguf import check_type, convert_to_gguf
     if args.family:
         raise_user("--family is for --to-hf; --to-gguf picks the llama.cpp architecture from the model")
-    if os.path.exists(args.out):
+    if os.path.lexists(args.out):
         raise_user(f"--out {args.out!r} already exists; choose a new file name")
+    refuse_unwritable(os.path.dirname(os.path.abspath(args.out)))
     try:
         gguf_type = check_type(args.type or "bf16")
         done = convert_to_gguf(args.to_gguf, args.out, gguf_type)

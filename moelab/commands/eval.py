@@ -20,18 +20,39 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_batches_fit(batches: int, split_tokens: int, batch_size: int, seq: int) -> None:
+    """--batches may not ask for more windows than the validation split holds without repeating
+    itself: the tokens reported would count the same text many times over."""
+    fits = max(1, (split_tokens - 1) // (batch_size * seq))
+    if batches > fits:
+        raise_user(f"--batches = {batches:,} is invalid: the validation split holds {split_tokens:,} "
+                   f"tokens, {fits} batch{'es' if fits > 1 else ''} of {batch_size} x {seq} tokens "
+                   f"without repeating (--batches {fits} or fewer)")
+
+
 def run(args) -> int:
     import torch
 
+    from moelab.accounting import inference_bytes
+    from moelab.config import MAX_BATCH
     from moelab.data import DataError, eval_batches, prepare_data
+    from moelab.resources import available_on, refuse_unless_fits
     from moelab.parallel.layout import pick_device
     from moelab.runfolder import TOKENIZER_FILE, CheckpointError, load, read_config, resolve
     from moelab.train.evaluate import evaluate, evaluate_scores
 
-    if args.batches is not None and args.batches < 1:
-        raise_user(f"--batches = {args.batches} is invalid: must be >= 1")
+    if args.batches is not None and not 1 <= args.batches <= MAX_BATCH:
+        raise_user(f"--batches = {args.batches} is invalid: must be >= 1 and <= {MAX_BATCH:,}")
     try:
         cfg = read_config(args.run)
+    except CheckpointError as e:
+        raise_user(str(e))
+    t = cfg.train
+    seq = min(t.seq_len, cfg.model.max_seq_len)
+    device = pick_device(t.device)
+    refuse_unless_fits(inference_bytes(cfg.model, 4, t.batch_size, seq), available_on(device),
+                       "evaluating this model in float32", str(device), "it does not fit this machine")
+    try:
         model = load(args.run, dtype=torch.float32)
     except CheckpointError as e:
         raise_user(str(e))
@@ -39,14 +60,13 @@ def run(args) -> int:
     tok = resolve(args.run) / TOKENIZER_FILE
     if tok.is_file():   # score with the run's own tokenizer, whatever the config said
         data_cfg = dataclasses.replace(data_cfg, tokenizer=str(tok))
-    t = cfg.train
-    seq = min(t.seq_len, cfg.model.max_seq_len)
     try:
         data = prepare_data(data_cfg, cfg.model.vocab_size, log=lambda m: None)
+        if args.batches is not None:
+            _check_batches_fit(args.batches, len(data.val_tokens), t.batch_size, seq)
         batches = eval_batches(t, data, args.batches, seq)     # masked for an MLM run
     except DataError as e:
         raise_user(str(e))
-    device = pick_device(t.device)
     model.to(device)
     tokens = sum(x.numel() for x, _ in batches)
     if t.objective == "mlm":

@@ -75,6 +75,24 @@ def _load(args):
     return model, model.tokenizer
 
 
+def _check_memory(args) -> None:
+    """Refuse, before reading any weight, a model the device cannot hold: its weights at the
+    compute dtype (bf16 at least, int8 with --quantize) and the KV cache of the tokens to come."""
+    from moelab.accounting import inference_bytes
+    from moelab.resources import available_on, refuse_unless_fits
+    from moelab.runfolder import CheckpointError, read_config
+    try:
+        cfg = read_config(args.run)
+    except CheckpointError as e:
+        raise_user(f"RUN: {e}")
+    m = cfg.model
+    weight_bytes = 1 if args.quantize else (4 if args.dtype == "float32" else 2)
+    needed = inference_bytes(m, weight_bytes, cache_positions=min(args.max_new_tokens, m.max_seq_len)
+                             if args.max_new_tokens > 0 else 0)
+    refuse_unless_fits(needed, available_on(args.device), "generating with this model", args.device,
+                       "use a smaller model, --quantize int8 or --dtype bfloat16")
+
+
 def _prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
@@ -157,6 +175,7 @@ def run(args) -> int:
         steps, tokenizer, engine = _llamacpp_steps(args, opts, prompt)
         moe_layers, trace = [], False
     else:
+        _check_memory(args)
         if args.quantize == "int8":
             print(INT8_NOTE, file=sys.stderr)
         model, tokenizer = _load(args)

@@ -52,10 +52,18 @@ def run(args) -> int:
             cfg = cfg.with_overrides(args.overrides).validate()
     else:
         cfg = config_from_args(args)
+    from moelab.commands import raise_user
+    from moelab.config import MAX_BATCH, MAX_SEQ_LEN
+    from moelab.resources import available_ram
+    for option, value, high in (("--batch", args.batch, MAX_BATCH), ("--seq-len", args.seq_len, MAX_SEQ_LEN)):
+        if value is not None and not 1 <= value <= high:
+            raise_user(f"{option} = {value} is invalid: must be >= 1 and <= {high:,}")
     batch = args.batch or cfg.train.batch_size
     seq = args.seq_len or cfg.train.seq_len
     info = describe(cfg.model, batch=batch, seq_len=seq)
-    info.update({"batch": batch, "seq_len": seq, "config": cfg.model.__class__.__name__})
+    # nothing is allocated here: the estimate is compared with this machine for the reader
+    info.update({"batch": batch, "seq_len": seq, "config": cfg.model.__class__.__name__,
+                 "available_memory_bytes": available_ram()})
     info["model"] = cfg.to_dict()["model"]
     if args.json:
         print(json.dumps(info, indent=2))
@@ -82,6 +90,10 @@ def run(args) -> int:
     print(f"memory (train, batch {batch} x {seq}, fp32 + AdamW): weights {_bytes(mem['weights'])}, "
           f"grads {_bytes(mem['gradients'])}, AdamW {_bytes(mem['adamw_states'])}, "
           f"activations ~{_bytes(mem['activations'])}, total ~{_bytes(mem['total'])}")
+    if info["available_memory_bytes"] is not None:
+        fits = "fits" if mem["total"] <= info["available_memory_bytes"] else "does not fit"
+        print(f"this machine      {_bytes(info['available_memory_bytes'])} available: training in one "
+              f"process {fits}")
     if m.causal:
         print(f"KV cache / token  {_bytes(info['kv_cache_bytes_per_token'])} (bf16)")
     else:

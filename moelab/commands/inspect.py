@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moelab.commands import raise_user
+from moelab.commands import check_device, raise_user, refuse_unwritable
 
 
 def add_parser(sub) -> None:
@@ -53,6 +53,9 @@ def run(args) -> int:
                           device=args.device, batch_size=args.batch_size, seq_len=args.seq_len,
                           overrides=tuple(args.overrides))
     out_dir = Path(args.out) if args.out else Path(args.run) / "inspect"
+    if args.device is not None:
+        check_device(args.device)
+    refuse_unwritable(out_dir)                 # before the analysis, not after it
     with Progress("inspect", enabled=not args.quiet) as progress:
         try:
             progress.stage("reading the run and its held-out tokens", None)   # until routing starts
@@ -60,7 +63,11 @@ def run(args) -> int:
         except InspectError as e:
             raise_user(str(e))
         with progress.phase("writing inspect.json, report.md and the plots"):
-            text = write_outputs(result, out_dir)
+            try:
+                text = write_outputs(result, out_dir)
+            except OSError as e:
+                raise_user(f"--out {str(out_dir)!r}: could not write {e.filename or 'the report'}: "
+                           f"{e.strerror or e}")
     if args.json:
         sys.stdout.write(text)
         return 0

@@ -42,13 +42,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _int(text: str, option: str, low: int = 1) -> int:
+def _int(text: str, option: str, low: int = 1, high: int = 2**20) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
         raise_user(f"{option} = {text!r} is invalid: expected a whole number >= {low}")
-    if value < low:
-        raise_user(f"{option} = {value} is invalid: must be >= {low}")
+    if not low <= value <= high:
+        raise_user(f"{option} = {value} is invalid: must be >= {low} and <= {high:,}")
     return value
 
 
@@ -76,7 +76,8 @@ def hardware_and_workload(args):
                   memory_margin=_fraction(args.memory_margin, "--memory-margin", -1e-9, 1))
     if args.dtype not in PRECISIONS:
         raise_user(f"--dtype = {args.dtype!r} is invalid: must be one of {', '.join(PRECISIONS)}")
-    wl = Workload(seq_len=_int(args.seq_len, "--seq-len"),
+    from moelab.config import MAX_SEQ_LEN
+    wl = Workload(seq_len=_int(args.seq_len, "--seq-len", high=MAX_SEQ_LEN),
                   global_batch_tokens=parse_count(args.global_batch_tokens, "--global-batch-tokens"),
                   dtype=args.dtype)
     return hw, wl

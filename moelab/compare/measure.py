@@ -87,11 +87,17 @@ def validation_batch_losses(model, cfg, val_tokens: ValTokens) -> Optional[list[
     return [model(x, targets=y).loss.item() for x, y in batches]
 
 
+def prompt_tokens(model_cfg) -> int:
+    """P: the prompt length inference is measured at (what the model's context allows); the
+    validation split must hold P + 1 tokens (checked before any unit trains)."""
+    return max(1, min(PROMPT_TOKENS, model_cfg.max_seq_len // 2))
+
+
 def _prompts(model, cfg, val_tokens: ValTokens) -> torch.Tensor:
     """(B, P) int64: B evenly spaced windows of the validation split, the same for every model
     with the same data and vocabulary."""
     from moelab.data import val_batches
-    P = max(1, min(PROMPT_TOKENS, model.config.max_seq_len // 2))
+    P = prompt_tokens(model.config)
     x, _ = val_batches(val_tokens(cfg), PROMPTS, P, 1)[0]
     return x
 

@@ -41,7 +41,9 @@ def train_command(unit: dict, state: UnitState, show_progress: bool | None, npro
     if state is UnitState.RESUMABLE:
         args = ["train", "--resume", unit["run_dir"]]
     else:
-        args = ["train", "--out", unit["run_dir"], *unit["train_args"]]
+        # a unit with no checkpoint yet may hold what a killed first start wrote (config,
+        # metrics): nothing to keep, and `train --out` refuses such a folder without --overwrite
+        args = ["train", "--out", unit["run_dir"], "--overwrite", *unit["train_args"]]
     if nproc > 1:
         args += ["--nproc", str(nproc)]
     if show_progress is False:
@@ -86,7 +88,9 @@ def _train(args: list[str]) -> tuple[int, bool]:
     one SIGTERM on: the trainer finishes its step, checkpoints and exits (status 75). A second
     signal kills it at once; its previous checkpoint stays intact."""
     from moelab.stop import EXIT_STOPPED
-    proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], start_new_session=True)
+    from moelab.proc import die_with_parent   # kill -9 of compare stops the trainer too
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], start_new_session=True,
+                            preexec_fn=die_with_parent())
     if threading.current_thread() is not threading.main_thread():
         return proc.wait(), False
     requested = []

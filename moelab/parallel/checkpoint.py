@@ -16,6 +16,7 @@ shards into one ``model.safetensors`` of full tensors (the run folder's weights)
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,14 +60,15 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
     get_msd, get_osd, _, _ = _state_dict_api()
     msd = get_msd(model)
-    # One file per tensor and rank: DCP serialises each file whole in memory before writing it,
-    # so one file per rank would hold a second copy of the rank's whole shard (the optimizer's
-    # moments: twice the model's shard) while saving.
-    dcp.save(msd, storage_writer=HuggingFaceStorageWriter(
-        str(folder / MODEL_DIR / SHARDED), save_distributed=True, fqn_to_index_mapping=_one_file_each(msd)))
-    flat, groups = flatten_optimizer(get_osd(model, optimizer))
-    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(
-        str(folder / OPTIM_DIR), save_distributed=True, fqn_to_index_mapping=_one_file_each(flat)))
+    with _disk_errors_as_oserror():
+        # One file per tensor and rank: DCP serialises each file whole in memory before writing
+        # it, so one file per rank would hold a second copy of the rank's whole shard (the
+        # optimizer's moments: twice the model's shard) while saving.
+        dcp.save(msd, storage_writer=HuggingFaceStorageWriter(
+            str(folder / MODEL_DIR / SHARDED), save_distributed=True, fqn_to_index_mapping=_one_file_each(msd)))
+        flat, groups = flatten_optimizer(get_osd(model, optimizer))
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(
+            str(folder / OPTIM_DIR), save_distributed=True, fqn_to_index_mapping=_one_file_each(flat)))
     if consolidate and rank == 0:
         # full tensors, assembled one at a time from the ranks' bytes (DCP's consolidation)
         from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
@@ -75,6 +77,23 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
     save_file(rng_tensors(), str(folder / RNG_DIR / f"rank-{rank:05d}.safetensors"))
     return groups
+
+
+@contextlib.contextmanager
+def _disk_errors_as_oserror():
+    """DCP reports a failed write as a ``CheckpointException`` holding every failing rank's
+    exception (on every rank); a full disk is re-raised as that OSError, so a sharded save fails
+    with the same message naming the file as a one-process save."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except CheckpointException as e:
+        for rank, failure in sorted(e.failures.items()):
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, OSError):
+                raise OSError(error.errno, f"{error.strerror or error} (rank {rank})",
+                              error.filename) from None
+        raise
 
 
 def _one_file_each(state: dict) -> dict[str, int]:

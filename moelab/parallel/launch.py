@@ -4,7 +4,8 @@ same `moelab train` command, and pass on what the user does to it.
 torchrun runs in its own session, so a Ctrl-C reaches only this launcher, which forwards one
 SIGTERM: the workers finish their step, checkpoint and exit, and torchrun waits for them (30 s by
 default before it kills them). A second Ctrl-C kills the job at once; the last checkpoint stays
-intact.
+intact. If this launcher is killed outright (SIGKILL), the kernel sends torchrun the same SIGTERM
+(``moelab.proc.die_with_parent``), so the job checkpoints and stops instead of running on.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import torch
 
 from moelab.config import Config, ConfigError
 from moelab.parallel.layout import plan_layout
+from moelab.proc import die_with_parent
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """torchrun (through ``moelab.parallel.torchrun``: no traceback after a graceful stop)."""
+    return [sys.executable, "-m", "moelab.parallel.torchrun", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "moelab", *argv]
 
 
@@ -36,7 +39,8 @@ def launch_torchrun(nproc: int, cfg: Config, run_dir: Path, argv: list[str]) -> 
     if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ConfigError(f"--nproc = {nproc} is invalid: this machine has {torch.cuda.device_count()} GPUs "
                           "(one process per GPU; set train.device=cpu to run gloo processes instead)")
-    proc = subprocess.Popen(torchrun_command(nproc, argv), start_new_session=True)
+    proc = subprocess.Popen(torchrun_command(nproc, argv), start_new_session=True,
+                            preexec_fn=die_with_parent())
     stop_sent_at = None
 
     def forward(signum, frame):

@@ -26,6 +26,7 @@ from torch import nn
 from moelab.config import ConfigError
 from moelab.parallel.layout import Layout
 from moelab.parallel.clip import clip_grad_norm_
+from moelab.proc import native_threads_outlive_interpreter
 
 
 class SingleProcess:
@@ -87,7 +88,7 @@ class Meshes:
 class Distributed:
     """torch.distributed: one process per device (or per CPU slot with gloo)."""
 
-    def __init__(self, layout: Layout, device: torch.device, timeout_s: float = 1800.0):
+    def __init__(self, layout: Layout, device: torch.device, timeout_s: float = 300.0):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -112,6 +113,8 @@ class Distributed:
             except (RuntimeError, ValueError, TimeoutError) as e:
                 raise ConfigError(f"could not join the torchrun rendezvous ({backend}): {e}") from None
         self._dist = dist
+        # gloo's worker threads outlive destroy_process_group: the CLI must not finalize
+        native_threads_outlive_interpreter("torch.distributed process groups")
         # experts: (dp_replicate, dp_shard_mod_ep, ep), the ep dim splits them, the rest is FSDP;
         # dense parameters: FSDP over dp_shard = dp_shard_mod_ep x ep (HSDP with dp_replicate)
         world = init_device_mesh(device.type, (layout.dp_replicate, layout.dp_shard_mod_ep, layout.ep),
@@ -211,6 +214,8 @@ class Distributed:
             self._dist.destroy_process_group()
 
 
-def start(layout: Layout, device: torch.device):
-    """The runtime for ``layout``: a process group and meshes when it spans several processes."""
-    return Distributed(layout, device) if layout.distributed else SingleProcess(device)
+def start(layout: Layout, device: torch.device, timeout_s: float = 300.0):
+    """The runtime for ``layout``: a process group and meshes when it spans several processes.
+    ``timeout_s`` (``parallel.timeout_s``) bounds how long any collective waits for the other
+    processes: a stopped or hung peer ends the run with an error instead of blocking forever."""
+    return Distributed(layout, device, timeout_s) if layout.distributed else SingleProcess(device)

@@ -9,7 +9,7 @@ stopped at is the last one it logged.
 
 The process runs in its own session (a Ctrl-C on the terminal reaches the search alone, which
 passes one SIGTERM on, as `moelab compare` does) and, on Linux, asks the kernel to send it SIGTERM
-if the search process dies (``PR_SET_PDEATHSIG``), so a killed search leaves no training behind:
+if the search process dies (``moelab.proc.die_with_parent``: ``PR_SET_PDEATHSIG``), so a killed search leaves no training behind:
 the run checkpoints and ``moelab search --resume`` continues it.
 """
 
@@ -68,15 +68,6 @@ class Interrupts:
             signal.signal(s, handler)
         self._previous.clear()
         return False
-
-
-def _die_with_parent() -> None:     # runs in the child between fork and exec
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class MetricsFollower:
@@ -149,6 +140,7 @@ def train_and_follow(unit: dict, log_path: Path, on_eval: Callable[[dict], bool]
     only read it back when it finished earlier. ``on_eval(record)`` is called once per new eval
     record; when it returns True the run is sent SIGTERM and the outcome is "pruned"."""
     from moelab.compare.run import UnitState, train_command, unit_state
+    from moelab.proc import die_with_parent
     from moelab.stop import EXIT_STOPPED
     run_dir = Path(unit["run_dir"])
     follower = MetricsFollower(run_dir)
@@ -169,8 +161,7 @@ def train_and_follow(unit: dict, log_path: Path, on_eval: Callable[[dict], bool]
         out.write(f"$ moelab {' '.join(args)}\n")
         out.flush()
         proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                start_new_session=True, preexec_fn=die_with_parent())
         interrupts.child = proc
         try:
             while True:

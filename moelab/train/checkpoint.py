@@ -273,6 +273,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self.runtime.barrier()
         failure: Optional[BaseException] = None
+        stage = "checkpoint"
         try:
             self.format.write(tmp, model, optimizer, loop, self.runtime)
             if main:
@@ -281,6 +282,7 @@ class Checkpointer:
                     shutil.rmtree(final)
                 os.rename(tmp, final)
                 fsync_dir(self.run_dir)
+                stage = "weights"           # the checkpoint is complete from here
                 # the run's top-level weights follow the newest checkpoint
                 atomic_write(self.run_dir / WEIGHTS_FILE, lambda t: shutil.copyfile(final / WEIGHTS_FILE, t))
                 for old in checkpoint_dirs(self.run_dir)[:-self.keep]:
@@ -291,6 +293,8 @@ class Checkpointer:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(failure, OSError):
+                if stage == "weights":
+                    raise CheckpointError(self._weights_copy_message(final, failure)) from None
                 raise CheckpointError(self._disk_message(final, failure, model, optimizer)) from None
             if failure is not None:
                 raise failure
@@ -311,6 +315,19 @@ class Checkpointer:
         return (f"could not write checkpoint {final.name} ({where}: {e.strerror or e}); it needs about "
                 f"{needed:,} bytes, {space}. The previous checkpoint and model.safetensors are intact; "
                 f"free some space and resume with `moelab train --resume {self.run_dir}`")
+
+    def _weights_copy_message(self, final: Path, e: OSError) -> str:
+        """The checkpoint was written; only refreshing the run's top-level weights failed."""
+        try:
+            space = f"{shutil.disk_usage(self.run_dir).free:,} bytes free there"
+        except OSError:
+            space = "free space unknown"
+        needed = (final / WEIGHTS_FILE).stat().st_size if (final / WEIGHTS_FILE).is_file() else 0
+        return (f"checkpoint {final.name} is complete, but copying its weights to "
+                f"{self.run_dir / WEIGHTS_FILE} failed ({e.filename or WEIGHTS_FILE}: {e.strerror or e}); "
+                f"it needs {needed:,} bytes, {space}. The run's {WEIGHTS_FILE} still holds the previous "
+                f"weights; free some space and resume with `moelab train --resume {self.run_dir}` "
+                f"(it continues from {final.name})")
 
     def restore(self, point: ResumePoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
         FORMATS[point.state.get("format", "local")].restore(point.path, point.state, model, optimizer,

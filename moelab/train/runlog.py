@@ -5,10 +5,12 @@ progress bar on a terminal (plain lines at evaluations otherwise)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from moelab.fileio import open_no_follow, refuse_symlink
 from moelab.runfolder import METRICS_FILE, repair_metrics
 
 SUMMARY_FILE = "summary.json"
@@ -32,6 +34,11 @@ class RunLogger:
         self._config = config
         self._trackers: Optional[list] = None
         self._last_val: Optional[float] = None
+        if writer:
+            # files appended or written in place: a link would lead writes (and a resume's
+            # metrics repair, reads) out of the run folder; refused before anything is written
+            refuse_symlink(run_dir / METRICS_FILE)
+            refuse_symlink(run_dir / "tb")
 
     # ---- plain messages -------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -51,15 +58,22 @@ class RunLogger:
     def _append(self, record: dict) -> None:
         if not self.writer:
             return
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        # never through a link: a metrics.jsonl symlink would append to a file outside the run
+        path = self.run_dir / METRICS_FILE
+        fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            with open(fd, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as e:                   # a full disk: say which file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
     def repair_metrics(self, after_step: int) -> None:
         """Before a resume: drop records logged after the checkpoint (a killed run may have logged
         steps that will now be redone) and a torn last line, saying so, so the file reads as one
         uninterrupted run."""
         if self.writer:
+            refuse_symlink(self.run_dir / METRICS_FILE)   # it would read a file outside the run
             message = repair_metrics(self.run_dir, after_step)
             if message:
                 self.warn(message)

@@ -28,7 +28,7 @@ from moelab.model.moe.layer import load_cv, max_over_mean
 from moelab.model.transformer import ModelOutput, Transformer
 from moelab.parallel.layout import device_for, layout_from_env
 from moelab.parallel.runtime import start as start_runtime
-from moelab.fileio import write_json, write_text_atomic
+from moelab.fileio import remove_temporaries, write_json, write_text_atomic
 from moelab.runfolder import (
     CONFIG_FILE, METRICS_FILE, RUN_META_FILE, SUMMARY_FILE, TOKENIZER_FILE, CheckpointError, read_config,
 )
@@ -143,7 +143,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, strict_resu
     device = device_for(layout, cfg.train.device)
     if device.type == "cpu":
         reuse_freed_memory()                         # no fresh pages to fault in every step
-    runtime = start_runtime(layout, device)
+    runtime = start_runtime(layout, device, cfg.parallel.timeout_s)
     try:
         with _run_folder_lock(Path(run_dir), runtime):
             run = setup(cfg, Path(run_dir), runtime, resume=resume, strict_resume=strict_resume,
@@ -161,7 +161,8 @@ def _run_folder_lock(run_dir: Path, runtime):
     if runtime.layout.is_main:
         try:
             lock = FolderLock(run_dir, "training").acquire()
-        except FolderLockedError as e:
+            remove_temporaries(run_dir)          # what a killed write left: no writer is live now
+        except (FolderLockedError, OSError) as e:    # OSError: a .lock symlink, an unwritable folder
             error = e
     if not runtime.broadcast_int(0 if error is None else 1) == 0:
         raise error or FolderLockedError(f"{str(run_dir)!r} is locked by another process (see rank 0)")

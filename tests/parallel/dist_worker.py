@@ -105,5 +105,8 @@ def dispatch(out_path: str) -> None:
 
 
 if __name__ == "__main__":
+    from moelab.proc import exit_process, native_threads_outlive_interpreter
     mode, arg = sys.argv[1], sys.argv[2]
     {"train": train_jobs, "dispatch": dispatch}[mode](arg)
+    native_threads_outlive_interpreter("gloo")     # end as `python -m moelab` does (issue 25)
+    exit_process(0)
