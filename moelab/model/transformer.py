@@ -22,7 +22,9 @@ from torch import nn
 from moelab.config import ConfigError, ModelConfig
 from moelab.model.attention import AttentionContext, build_attention
 from moelab.model.ffn import SwiGLU
-from moelab.model.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from moelab.model.linear_cross_entropy import (
+    IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_per_token,
+)
 from moelab.model.moe import MoE, RouterStats
 from moelab.model.norm import RMSNorm
 from moelab.model.rope import rope_tables
@@ -72,7 +74,7 @@ class Block(nn.Module):
         n_experts = cfg.experts_in_layer(layer)
         self.is_moe = n_experts > 0
         if self.is_moe:
-            self.ffn = MoE(cfg.d_model, n_experts, config=cfg.moe)
+            self.ffn = MoE(cfg.d_model, n_experts, config=cfg.moe, vocab_size=cfg.vocab_size)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
@@ -124,7 +126,15 @@ class Transformer(nn.Module):
         # recompute each block's activations in the backward instead of keeping them
         # (``parallel.activation_checkpointing``; training only)
         self.activation_checkpointing = False
+        if cfg.moe.router == "hash" and self.moe_layers():
+            # hash routers route by token id: every run of the model (forward, generation) embeds
+            # its tokens first, so the embedding hands them over
+            self.embed.register_forward_pre_hook(self._hand_token_ids_to_routers)
         self.reset_parameters()
+
+    def _hand_token_ids_to_routers(self, _embed: nn.Module, args: tuple) -> None:
+        for moe in self.moe_layers():
+            moe.router.token_ids = args[0].reshape(-1)
 
     # ---- parameters ---------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -216,7 +226,15 @@ class Transformer(nn.Module):
                 # boolean index needs).
                 scored = targets != IGNORE_INDEX                              # (B, T)
                 h, targets = h[scored], targets[scored]                       # (N, D), (N,)
-            loss = linear_cross_entropy(h, self.lm_weight, targets)
+            policy = [(moe, s.policy_logprob) for moe, s in zip(self.moe_layers(), stats)
+                      if s.policy_logprob is not None]
+            if policy:
+                # REINFORCE routers (training): the reward is each token's own loss, read from the
+                # same pass of the fused head
+                loss, token_loss_N = linear_cross_entropy_per_token(h, self.lm_weight, targets)
+                aux_loss = aux_loss + sum(moe.router.policy_loss(lp, token_loss_N) for moe, lp in policy)
+            else:
+                loss = linear_cross_entropy(h, self.lm_weight, targets)
             return ModelOutput(None, aux_loss, stats, loss)
         return ModelOutput(self.lm_logits(self.norm(x)), aux_loss, stats)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from moelab.accounting import describe
 from moelab.config import Config
+from moelab.model.moe.hash_table import fit_hash_routers
 from moelab.model.transformer import Transformer
 from moelab.lock import FolderLock, FolderLockedError
 from moelab.parallel.layout import device_for, layout_from_env
@@ -249,6 +250,8 @@ def _train(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: 
         source = load_model(init_from)
         model.load_state_dict(source.state_dict())
         logger.info(f"initialised weights from {init_from}")
+    elif point is None and fit_hash_routers(model, data.train_tokens):
+        logger.info("hash routers: balanced token-id tables fitted to the training tokens")
     model.train()
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     if t_cfg.compile:
