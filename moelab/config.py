@@ -85,12 +85,15 @@ class MoEConfig:
     # weights); "random" is a fixed random function of the token id drawn at initialisation.
     hash: HashKind = "balanced"
     sinkhorn_iters: int = 3           # sinkhorn router: Sinkhorn iterations balancing the training assignment
-    reinforce_coef: float = 1.0       # reinforce router: weight of the policy-gradient loss
+    # reinforce router: weight of the policy-gradient loss (at 0.1 the router's gradient norm at
+    # initialisation is about the softmax router's; at 1 it is 14x that, a large share of the clip)
+    reinforce_coef: float = 0.1
     # reinforce router: decay of the running baseline of the per-token loss that the reward is
     # measured against (baseline = decay * baseline + (1 - decay) * the step's mean loss).
     reinforce_baseline_decay: float = 0.99
-    # relu router: starting coefficient of the L1 sparsity loss; it then adapts every optimiser step.
-    relu_l1_coef: float = 1e-4
+    # relu router: starting coefficient of the L1 sparsity loss; it then adapts every optimiser step
+    # (ReMoE starts at 1e-8 for runs of tens of thousands of steps; 1e-6 reaches the target sooner).
+    relu_l1_coef: float = 1e-6
     # relu router: the L1 coefficient is multiplied by this factor after a step with more active
     # experts per token than top_k, and divided by it after a step with fewer (ReMoE's alpha).
     relu_l1_factor: float = 1.2

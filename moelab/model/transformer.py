@@ -26,6 +26,7 @@ from moelab.model.linear_cross_entropy import (
     IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_per_token,
 )
 from moelab.model.moe import MoE, RouterStats
+from moelab.model.moe.router import adapt_relu_l1
 from moelab.model.norm import RMSNorm
 from moelab.model.rope import rope_tables
 
@@ -160,8 +161,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_router_biases(self) -> None:
-        """Apply DeepSeek-V3 aux-loss-free bias updates; call once per optimiser step."""
-        for moe in self.moe_layers():
+        """Apply DeepSeek-V3 aux-loss-free bias updates (and the other routers' per-step state:
+        ReLU routing's L1 coefficient, REINFORCE's baseline); call once per optimiser step."""
+        moes = self.moe_layers()
+        if moes:
+            adapt_relu_l1([moe.router for moe in moes], moes[0].count_reducer)
+        for moe in moes:
             moe.router.update_bias(moe.count_reducer)
 
     def new_cache(self, batch: int, max_len: Optional[int] = None,

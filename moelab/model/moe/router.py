@@ -391,16 +391,8 @@ class Router(nn.Module):
         sums over data-parallel ranks, so that every rank applies the same update.
         - bias_update_rate > 0: b_i += rate * sign(mean load - load_i) over the load seen since the
           last call (DeepSeek-V3, section 2.1.2);
-        - relu: the L1 coefficient times relu_l1_factor ** sign(mean active experts - top_k)
-          (ReMoE's adaptive regularisation);
         - reinforce: the loss baseline moves toward the mean loss seen."""
         reduce = (lambda t: t) if count_reducer is None else count_reducer
-        if self.cfg.router == "relu":
-            active, tokens = reduce(self.active_seen).unbind()
-            # no tokens seen (evaluation only): sign(0) leaves the coefficient as it is
-            error = torch.where(tokens > 0, active / tokens.clamp_min(1) - self.cfg.top_k, 0.0)
-            self.l1_coef *= self.cfg.relu_l1_factor ** torch.sign(error)
-            self.active_seen.zero_()
         if self.cfg.router == "reinforce":
             total, tokens = reduce(self.loss_seen).unbind()
             seen = tokens > 0
@@ -418,6 +410,26 @@ class Router(nn.Module):
         error = load.mean() - load
         self.expert_bias += self.cfg.bias_update_rate * torch.sign(error)
         self.load_seen.zero_()
+
+
+@torch.no_grad()
+def adapt_relu_l1(routers: list[Router], count_reducer: Optional[Reducer] = None) -> None:
+    """ReMoE's adaptive L1 coefficient (Wang et al. 2025, eq. 6), once per optimiser step: one
+    coefficient for the whole model, multiplied by relu_l1_factor when the active experts per token,
+    averaged over every ReLU layer's tokens since the last call, exceed top_k, and divided by it
+    when they fall short. Each layer keeps a copy (they stay equal), so the state dict holds it.
+    Individual layers may sit above or below the target: ReMoE lets computation move between layers."""
+    routers = [r for r in routers if r.cfg.router == "relu"]
+    if not routers:
+        return
+    seen = torch.stack([r.active_seen for r in routers]).sum(dim=0)
+    active, tokens = (seen if count_reducer is None else count_reducer(seen)).unbind()
+    # no tokens seen (evaluation only): sign(0) leaves the coefficient as it is
+    error = torch.where(tokens > 0, active / tokens.clamp_min(1) - routers[0].cfg.top_k, 0.0)
+    factor = routers[0].cfg.relu_l1_factor ** torch.sign(error)
+    for r in routers:
+        r.l1_coef *= factor
+        r.active_seen.zero_()
 
 
 def random_hash_table(vocab_size: int, num_experts: int, top_k: int,
