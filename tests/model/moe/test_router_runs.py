@@ -138,3 +138,36 @@ def test_new_presets_train_and_resume_exactly(preset, tmp_path):
     assert _losses(cut) == _losses(full)            # sampling (reinforce) and baselines resume too
     records = [r for r in load_metrics(full) if r["kind"] == "train"]
     assert len(records) == 6 and all(r["loss"] == r["loss"] for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["hetero-moe", "remoe"])
+def test_inspect_reports_measured_active_parameters_and_wide_vs_narrow_experts(preset, tmp_path):
+    from moelab.accounting import param_counts
+    from moelab.inspect.analyze import InspectOptions, inspect_run
+    from moelab.inspect.report import render_markdown
+    sets = ["train.max_steps=12", "train.lr=1e-3"]
+    if preset == "hetero-moe":
+        sets.append("model.moe.expert_hidden=[16, 16, 32, 32, 64, 64, 128, 160]")
+    run = tmp_path / preset
+    _train(preset, run, sets)
+    result = inspect_run(run, InspectOptions(tokens=2048, ablate="none"))
+    cfg = moelab.resolve_config(preset, TINY + sets).model
+    # the measured expectation: the config's count with each layer's routed part replaced by the
+    # parameters of the experts its assignments actually ran on, per token
+    widths = cfg.moe.expert_widths(8)
+    routed = sum(sum(n * 3 * 64 * w for n, w in zip(l["tokens_per_expert"], widths)) for l in result["layers"])
+    expected = param_counts(cfg)["active"] - 2 * 2 * 3 * 64 * cfg.moe.mean_expert_hidden + routed / result["tokens"]
+    act = result["active_measured"]
+    assert act["active_params"] == round(expected) and "measured on 2,048 held-out tokens" in act["basis"]
+    for layer in result["layers"]:
+        # variable routers: only the experts a token used are counted as chosen
+        assert sum(layer["tokens_per_expert"]) == sum(layer["coactivation"][e][e] for e in range(8))
+        if preset == "hetero-moe":
+            w = layer["widths"]
+            assert w["wide_experts"] == [4, 5, 6, 7]                 # wider than the median, 48
+            assert sum(c["assignments"] for c in w["categories"].values()) == sum(layer["tokens_per_expert"])
+            assert all(16 <= c["mean_width"] <= 160 for c in w["categories"].values())
+    text = render_markdown(result, [])
+    assert "Active parameters under the measured routing" in text
+    assert ("Wide and narrow experts" in text) == (preset == "hetero-moe")
