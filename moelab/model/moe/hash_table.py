@@ -12,7 +12,8 @@ occur get experts round-robin, so that unseen text does not all land on one expe
 
 The table is fitted once from the training token stream when a run starts
 (:func:`fit_hash_routers`), and lives in the router as a persistent buffer: it is saved in the run
-folder's safetensors with the weights and comes back on resume, evaluation and export.
+folder's safetensors with the weights and comes back on resume, evaluation and export. (Its ids are
+kept as float32, which holds them exactly; see ``Router``.)
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def hash_loads(table_VK: torch.Tensor, tokens, num_experts: int) -> torch.Tensor
     counts_V = token_counts(tokens, table_VK.shape[0])
     loads = torch.zeros(num_experts, dtype=torch.long)
     for k in range(table_VK.shape[1]):
-        loads.scatter_add_(0, table_VK[:, k].cpu(), counts_V)
+        loads.scatter_add_(0, table_VK[:, k].long().cpu(), counts_V)
     return loads
 
 
@@ -77,5 +78,5 @@ def fit_hash_routers(model: nn.Module, tokens) -> int:
         key = (router.num_experts, router.cfg.top_k)
         if key not in tables:
             tables[key] = balanced_hash_table(counts_V, *key)
-        router.hash_table.copy_(tables[key])
+        router.hash_table.copy_(tables[key])         # stored as float32 (see Router)
     return len(routers)

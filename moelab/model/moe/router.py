@@ -137,7 +137,7 @@ def route(logits_NE: torch.Tensor, cfg: MoEConfig, bias_E: Optional[torch.Tensor
 def hash_route(table_VK: torch.Tensor, token_ids_N: torch.Tensor, num_experts: int) -> Routing:
     """Hash layers (Roller et al. 2021): token id -> K experts from a fixed table; each output
     weighs 1/K. Nothing here is learned, so nothing carries gradient to a router."""
-    ids_NK = table_VK[token_ids_N]                                            # (N, K)
+    ids_NK = table_VK[token_ids_N].long()                                     # (N, K)
     N, K = ids_NK.shape
     weights_NK = torch.full((N, K), 1.0 / K, dtype=torch.float32, device=ids_NK.device)
     probs_NE = torch.zeros(N, num_experts, device=ids_NK.device).scatter_(1, ids_NK, 1.0 / K)
@@ -301,7 +301,9 @@ class Router(nn.Module):
             if vocab_size is None:
                 raise ValueError("router 'hash' maps token ids to experts: the MoE layer needs "
                                  "vocab_size (MoE(..., vocab_size=V))")
-            self.register_buffer("hash_table", random_hash_table(vocab_size, num_experts, cfg.top_k))
+            # expert ids stored as float32 (exact below 2^24): torch's distributed checkpoint
+            # cannot consolidate integer tensors into safetensors (torch 2.13)
+            self.register_buffer("hash_table", random_hash_table(vocab_size, num_experts, cfg.top_k).float())
         if kind == "relu":
             self.register_buffer("l1_coef", torch.tensor(cfg.relu_l1_coef, dtype=torch.float64))
             # (sum of active experts over tokens, tokens) since the last update
@@ -316,6 +318,15 @@ class Router(nn.Module):
         # False while activation checkpointing replays a forward: its tokens were counted once
         self.count_load = True
         self.token_ids: Optional[torch.Tensor] = None
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts as any module, except that a cast (``model.to(torch.bfloat16)``) never
+        rounds the hash table's expert ids: it keeps float32 and only follows the device."""
+        table = self._buffers.get("hash_table")
+        out = super()._apply(fn, recurse)
+        if table is not None and self.hash_table.dtype != table.dtype:
+            self.hash_table = table.to(self.hash_table.device)
+        return out
 
     def forward(self, x_ND: torch.Tensor, token_ids_N: Optional[torch.Tensor] = None,
                 group_size: Optional[int] = None, col_reducer: Optional[Reducer] = None) -> Routing:

@@ -52,7 +52,7 @@ def test_hash_table_is_fitted_saved_and_reused_on_resume_eval_generation_and_exp
     fitted = balanced_hash_table(token_counts(data.train_tokens, 512), 8, 2)
     saved = load_tensors(full / WEIGHTS_FILE)
     tables = [v for k, v in saved.items() if k.endswith("router.hash_table")]
-    assert len(tables) == 2 and all(torch.equal(t, fitted) for t in tables)
+    assert len(tables) == 2 and all(torch.equal(t.long(), fitted) for t in tables)
     loads = hash_loads(fitted, data.train_tokens, 8).double()
     assert (loads / loads.mean() - 1).abs().max() < 0.05
     # resume: the checkpoint's table is used (fitting is not even called) and the run continues
@@ -67,7 +67,7 @@ def test_hash_table_is_fitted_saved_and_reused_on_resume_eval_generation_and_exp
     assert _losses(cut) == _losses(full)
     # evaluation / generation load the table with the weights
     model = load_model(full)
-    assert all(torch.equal(m.router.hash_table, fitted) for m in model.moe_layers())
+    assert all(torch.equal(m.router.hash_table.long(), fitted) for m in model.moe_layers())
     prompt = torch.tensor([[5, 17, 33, 2, 90]])
     gen = model.generate(prompt, max_new_tokens=6, temperature=0, trace_experts=True)
     seq = torch.cat([prompt, torch.tensor([gen.tokens[0]])], dim=1)
