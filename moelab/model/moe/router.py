@@ -348,7 +348,10 @@ class Router(nn.Module):
             self._count_active(routing)
             return routing
         if kind == "expert_choice":
-            factor = (cfg.capacity_factor if self.training else cfg.eval_capacity_factor or cfg.capacity_factor) or 1.0
+            factor = cfg.capacity_factor
+            if not self.training and cfg.eval_capacity_factor is not None:
+                factor = cfg.eval_capacity_factor
+            factor = 1.0 if factor is None else factor                 # none: capacity factor 1
             return expert_choice_route(logits_NE, cfg.top_k, factor, group_size or x_ND.shape[0])
         if kind == "reinforce" and self.training:
             return self._count_load(sampled_route(logits_NE, cfg))
@@ -379,8 +382,9 @@ class Router(nn.Module):
     def _count_active(self, routing: Routing) -> None:
         if self.training and self.count_load:
             with torch.no_grad():
-                self.active_seen += torch.stack([routing.keep_NK.sum().double(),
-                                                 routing.keep_NK.new_tensor(routing.keep_NK.shape[0], dtype=torch.float64)])
+                keep_NE = routing.keep_NK
+                tokens = keep_NE.new_tensor(keep_NE.shape[0], dtype=torch.float64)
+                self.active_seen += torch.stack([keep_NE.sum().double(), tokens])
 
     def policy_loss(self, logprob_N: torch.Tensor, token_loss_N: torch.Tensor) -> torch.Tensor:
         """REINFORCE's surrogate loss for this layer, reinforce_coef * mean_n[(loss_n - b) *
@@ -409,9 +413,10 @@ class Router(nn.Module):
             seen = tokens > 0
             mean = total / tokens.clamp_min(1)
             decay = self.cfg.reinforce_baseline_decay
-            moved = torch.where(self.baseline_ready > 0, decay * self.loss_baseline + (1 - decay) * mean, mean)
+            ready = self.baseline_ready > 0
+            moved = torch.where(ready, decay * self.loss_baseline + (1 - decay) * mean, mean)
             self.loss_baseline.copy_(torch.where(seen, moved, self.loss_baseline))
-            self.baseline_ready.copy_(torch.where(seen, torch.ones_like(self.baseline_ready), self.baseline_ready))
+            self.baseline_ready.copy_(torch.where(seen | ready, 1.0, 0.0))
             self.loss_seen.zero_()
         if self.cfg.bias_update_rate <= 0:
             return
