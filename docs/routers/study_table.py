@@ -1,10 +1,13 @@
-"""The table of docs/routers.md from a `moelab compare` folder: python docs/routers/study_table.py DIR.
+"""The table of docs/routers.md from a `moelab compare` folder:
+python docs/routers/study_table.py DIR [MODEL_A:MODEL_B ...].
 
 Per model: mean ± sd validation loss over seeds, the paired gap to the reference with the
 threshold the compare's t-test needed and its verdict, training tokens/s (mean ± sd) and its
 ratio to the reference's (mean of the per-seed ratios: each seed's units ran back to back), and,
 from each run's metrics.jsonl, the routing it ended with (last 50 logged steps, all MoE layers):
 active experts per token and the share of tokens with none (variable routers), load CV.
+Each MODEL_A:MODEL_B pair is judged by compare's own rule on the per-seed gaps A - B (the same
+seeds, so the same initial-weight seeds and batch order).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def tail_routing(run: Path, last: int = 50) -> dict:
     return out
 
 
-def main(folder: str) -> None:
+def main(folder: str, pairs: list[str]) -> None:
     root = Path(folder)
     res = json.loads((root / "results.json").read_text())
     ref = res["reference"]
@@ -54,5 +57,17 @@ def main(folder: str) -> None:
               f"{statistics.mean(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)}) | {'; '.join(parts)} |")
 
 
+    if pairs:
+        from moelab.compare.stats import judge
+        print()
+        print("| pair | gap A - B (paired) | threshold | verdict |")
+        print("|---|---|---|---|")
+        for pair in pairs:
+            a, b = pair.split(":")
+            gaps = [x - y for x, y in zip(models[a]["val_loss_seeds"], models[b]["val_loss_seeds"])]
+            v = judge(gaps, "seeds")
+            print(f"| {a} vs {b} | {v.gap:+.4f} | ±{v.threshold:.4f} | A {v.verdict} |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])
