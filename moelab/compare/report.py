@@ -16,6 +16,7 @@ from moelab.compare import plots, stats
 from moelab.compare.analysis import SPIKE_RATIO, SPIKE_WINDOW, ModelSummary, comparisons, read_study
 from moelab.compare.findings import all_findings, budget_words, scaling_section
 from moelab.compare.plan import write_json
+from moelab.runfolder import RUN_META_FILE
 
 
 def _fmt(value, pattern: str) -> str:
@@ -98,7 +99,7 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
     lines = all_findings(study, comps, plan["matching"], plan["match"], scaling)
     rows = study.at()
     unit0 = plan["units"][0]
-    meta = json.loads((Path(unit0["run_dir"]) / "run_meta.json").read_text(encoding="utf-8"))
+    meta = json.loads((Path(unit0["run_dir"]) / RUN_META_FILE).read_text(encoding="utf-8"))
 
     figures = plots.loss_curves(study, out_dir) + plots.gap_curves(study, out_dir)
     if scaling is not None:

@@ -43,6 +43,11 @@ class HeteroExperts(nn.Module):
         self.register_buffer("group_of_expert", torch.tensor(group_of), persistent=False)   # (E,)
         self._where = list(zip(group_of, local))           # expert -> (group, index in group)
 
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute the expert -> group map when built on the meta device (``MoE.init_buffers``)."""
+        if self.group_of_expert.is_meta:
+            self.group_of_expert = torch.tensor([g for g, _ in self._where], device=device)
+
     def _group_rows(self, counts_E: torch.Tensor, num_rows: int) -> list[torch.Tensor]:
         """For each group, the positions of its rows among the expert-sorted rows (in order)."""
         expert_M = torch.repeat_interleave(torch.arange(self.num_experts, device=counts_E.device),

@@ -20,9 +20,22 @@ from moelab.config import (
 from moelab.model.ffn import SwiGLU
 from moelab.model.moe import losses
 from moelab.model.moe.dispatch import LocalDispatcher, plan_dispatch
+from moelab.model.moe.engines import infer_experts
 from moelab.model.moe.experts import GroupedExperts
 from moelab.model.moe.hetero import HeteroExperts
 from moelab.model.moe.router import Router, Routing, capacity, capacity_keep_mask
+
+
+def load_cv(tokens_per_expert_E: torch.Tensor) -> float:
+    """Coefficient of variation of tokens per expert (0 = perfectly balanced)."""
+    load = tokens_per_expert_E.float()
+    return float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+
+
+def max_over_mean(tokens_per_expert_E: torch.Tensor) -> float:
+    """The busiest expert's load over the mean load (1 = perfectly balanced)."""
+    load = tokens_per_expert_E.float()
+    return float(load.max() / load.mean().clamp_min(1e-9))
 
 
 @dataclass
@@ -46,25 +59,22 @@ class RouterStats:
 
     @property
     def load_cv(self) -> float:
-        """Coefficient of variation of tokens per expert (0 = perfectly balanced)."""
-        load = self.tokens_per_expert.float()
-        return float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+        return load_cv(self.tokens_per_expert)
 
     @property
     def max_over_mean(self) -> float:
-        load = self.tokens_per_expert.float()
-        return float(load.max() / load.mean().clamp_min(1e-9))
+        return max_over_mean(self.tokens_per_expert)
 
-    def summary(self) -> dict[str, float]:
-        out = {
-            "load_cv": self.load_cv,
-            "max_over_mean": self.max_over_mean,
-            "dropped_fraction": float(self.dropped_fraction),
-            "entropy": float(self.entropy),
-        }
+    def averages(self) -> dict[str, float]:
+        """The statistics that average over processes (fractions, entropy, unweighted losses);
+        the load ones come from summed loads instead."""
+        out = {"dropped_fraction": float(self.dropped_fraction), "entropy": float(self.entropy)}
         out.update({k: float(v) for k, v in self.losses.items()})
         out.update({k: float(v) for k, v in self.metrics.items()})
         return out
+
+    def summary(self) -> dict[str, float]:
+        return {"load_cv": self.load_cv, "max_over_mean": self.max_over_mean, **self.averages()}
 
 
 @dataclass
@@ -84,8 +94,8 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, num_experts: Optional[int] = None, top_k: Optional[int] = None,
                  expert_hidden: Optional[int | tuple[int, ...]] = None, *, config: Optional[MoEConfig] = None,
-                 init_std: float = 0.02, backend: str = "auto", vocab_size: Optional[int] = None,
-                 **options: Any):
+                 init_std: float = 0.02, backend: str = "auto", layer: int = -1,
+                 vocab_size: Optional[int] = None, **options: Any):
         super().__init__()
         cfg = config if config is not None else _moe_config(
             d_model, num_experts=num_experts, top_k=top_k, expert_hidden=expert_hidden, **options)
@@ -93,6 +103,7 @@ class MoE(nn.Module):
             _validate_standalone(d_model, cfg)
         E = num_experts if (config is not None and num_experts is not None) else cfg.num_experts
         self.cfg, self.d_model, self.num_experts = cfg, d_model, E
+        self.layer = layer                       # its block's index, for the statistics (-1 alone)
         self.router = Router(d_model, E, cfg, vocab_size)     # vocab_size: the hash router's table
         if cfg.heterogeneous:
             self.experts = HeteroExperts(cfg.expert_widths(E), d_model, backend=backend)
@@ -128,6 +139,16 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared.down.weight, std=out_std)
             if self.shared_gate is not None:
                 nn.init.normal_(self.shared_gate.weight, std=std)
+
+    @torch.no_grad()
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Give the buffers still on the meta device (a model built on meta) the values
+        construction gives them: the experts' widths, the router's state (``Router.init_buffers``)."""
+        if self.expert_widths.is_meta:
+            self.expert_widths = torch.tensor(self.cfg.expert_widths(self.num_experts), device=device)
+        self.router.init_buffers(device)
+        if isinstance(self.experts, HeteroExperts):
+            self.experts.init_buffers(device)
 
     def shared_output(self, x: torch.Tensor) -> torch.Tensor:
         """The always-on shared experts (DeepSeekMoE), gated by sigmoid(x w) when configured
@@ -186,11 +207,32 @@ class MoE(nn.Module):
                 entropy=losses.router_entropy(routing.probs_NE),
                 expert_ids=routing.ids_NK.detach(),
                 losses={k: v.detach() for k, v in loss_values.items()},
+                layer=self.layer,
             )
             self._variable_stats(stats, routing, keep_NK)
         if routing.logprob_N is not None:
             stats.policy_logprob = routing.logprob_N
         return MoEOutput(out_ND.view(shape), aux_loss, stats)
+
+    def infer(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer for inference: ((N, D) output, (N, K) expert ids). Same routing and experts
+        as ``forward`` at evaluation, but always dropless (a dropped token's output would depend
+        on which other tokens share its batch, so cached decoding would stop equalling a full
+        forward), with no aux losses or statistics, on the engine ``engines.choose_engine`` picks.
+        Variable routers (ReLU) run only each token's active experts; their ids are (N, E), each
+        token's experts by falling weight, -1 past the ones it used. Expert choice picks tokens
+        among all N rows given (an encoder's layer; decoding never reaches it)."""
+        routing = self._route(x_ND, x_ND.shape, None)
+        if self.cfg.router in VARIABLE_ROUTER_KINDS:
+            keep_NK = routing.keep_NK
+            out_ND = infer_experts(self.experts, x_ND, routing, keep_NK)
+            order_NK = routing.weights_NK.argsort(dim=-1, descending=True, stable=True)
+            ids_NK = routing.ids_NK.gather(1, order_NK).masked_fill(~keep_NK.gather(1, order_NK), -1)
+        else:
+            out_ND, ids_NK = infer_experts(self.experts, x_ND, routing), routing.ids_NK
+        if self.shared is not None:
+            out_ND = out_ND + self.shared_output(x_ND)
+        return out_ND, ids_NK
 
     def _variable_stats(self, stats: RouterStats, routing: Routing, keep_NK: Optional[torch.Tensor]) -> None:
         """Per token, how many experts the variable routers used, and their experts by weight."""

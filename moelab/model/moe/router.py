@@ -303,9 +303,9 @@ class Router(nn.Module):
                                  "vocab_size (MoE(..., vocab_size=V))")
             # expert ids stored as float32 (exact below 2^24): torch's distributed checkpoint
             # cannot consolidate integer tensors into safetensors (torch 2.13)
-            self.register_buffer("hash_table", random_hash_table(vocab_size, num_experts, cfg.top_k).float())
+            self.register_buffer("hash_table", torch.empty(vocab_size, cfg.top_k))
         if kind == "relu":
-            self.register_buffer("l1_coef", torch.tensor(cfg.relu_l1_coef, dtype=torch.float64))
+            self.register_buffer("l1_coef", torch.empty((), dtype=torch.float64))
             # (sum of active experts over tokens, tokens) since the last update
             self.register_buffer("active_seen", torch.zeros(2, dtype=torch.float64), persistent=False)
         if kind == "reinforce":
@@ -318,6 +318,24 @@ class Router(nn.Module):
         # False while activation checkpointing replays a forward: its tokens were counted once
         self.count_load = True
         self.token_ids: Optional[torch.Tensor] = None
+        if not self.expert_bias.is_meta:
+            self.init_buffers(self.expert_bias.device, fresh=True)
+
+    @torch.no_grad()
+    def init_buffers(self, device: torch.device | str | None = None, fresh: bool = False) -> None:
+        """The initial values of the state that has one (the hash table, the L1 coefficient), on
+        ``device``: into the buffers still on the meta device (a model built on meta,
+        ``Transformer.init_buffers``), or into all of them when ``fresh`` (construction). Neither
+        draws from the global RNG, so a model built on meta and one built eagerly agree."""
+        initial = {}
+        if "hash_table" in self._buffers:
+            V, K = self._buffers["hash_table"].shape
+            initial["hash_table"] = lambda: random_hash_table(V, self.num_experts, K).float()
+        if "l1_coef" in self._buffers:
+            initial["l1_coef"] = lambda: torch.tensor(self.cfg.relu_l1_coef, dtype=torch.float64, device="cpu")
+        for name, value in initial.items():
+            if fresh or self._buffers[name].is_meta:
+                self._buffers[name] = value().to(device)
 
     def _apply(self, fn, recurse=True):
         """Moves and casts as any module, except that a cast (``model.to(torch.bfloat16)``) never
@@ -448,9 +466,14 @@ def adapt_relu_l1(routers: list[Router], count_reducer: Optional[Reducer] = None
         r.active_seen.zero_()
 
 
-def random_hash_table(vocab_size: int, num_experts: int, top_k: int,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(V, K) int64: K distinct experts per token id, uniformly at random (the "random" hash, and
-    the placeholder a "balanced" table starts from until it is fitted)."""
-    scores_VE = torch.rand(vocab_size, num_experts, generator=generator)
+# the seed of the "random" hash: a fixed function of the token id, the same in every run and build
+RANDOM_HASH_SEED = 0
+
+
+def random_hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int = RANDOM_HASH_SEED) -> torch.Tensor:
+    """(V, K) int64 on the CPU: K distinct experts per token id, uniformly at random from a
+    generator of its own (the "random" hash, and the placeholder a "balanced" table starts from
+    until it is fitted); the global RNG is untouched."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    scores_VE = torch.rand(vocab_size, num_experts, generator=generator, device="cpu")
     return scores_VE.topk(top_k, dim=-1).indices

@@ -13,11 +13,11 @@ import torch
 
 import moelab
 from moelab.interop import InteropError
-from moelab.interop.hf import config_to_hf, export_hf
+from moelab.interop.folders import export_hf
+from moelab.interop.hf import config_to_hf
 from moelab.model.moe.hash_table import balanced_hash_table, hash_loads, token_counts
-from moelab.train.checkpoint import WEIGHTS_FILE, load_model, load_tensors
-from moelab.train.state import checkpoint_dirs
-from moelab.train.trainer import load_metrics, train
+from moelab.runfolder import WEIGHTS_FILE, checkpoint_dirs, load_metrics, load_tensors
+from moelab.train.trainer import train
 
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
         "model.max_seq_len=64", "model.ffn_hidden=128", "model.moe.expert_hidden=64",
@@ -66,7 +66,7 @@ def test_hash_table_is_fitted_saved_and_reused_on_resume_eval_generation_and_exp
     _train("hash-moe", cut, sets, resume=True)
     assert _losses(cut) == _losses(full)
     # evaluation / generation load the table with the weights
-    model = load_model(full)
+    model = moelab.load(full)
     assert all(torch.equal(m.router.hash_table.long(), fitted) for m in model.moe_layers())
     prompt = torch.tensor([[5, 17, 33, 2, 90]])
     gen = model.generate(prompt, max_new_tokens=6, temperature=0, trace_experts=True)

@@ -334,3 +334,56 @@ def test_presets_of_issue_27_hold_moe_active_parameters():
     assert param_counts(moelab.resolve_config("hetero-moe").model)["total"] == base["total"]
     ec, topk = (param_counts(moelab.resolve_config(p).model) for p in ("bert-ec", "bert-moe"))
     assert ec == topk
+
+
+# ---------------------------------------------------------------------------------------------
+# inference: MoE.infer routes as forward does at evaluation; cached decoding equals a full forward
+# ---------------------------------------------------------------------------------------------
+
+DECODABLE = [name for name in CASES if not name.startswith("expert_choice")]
+
+
+@pytest.mark.parametrize("name", DECODABLE)
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_infer_equals_forward_at_evaluation(name, n_tokens):
+    """One token (the one_token engine) and several (dispatched), every decodable router kind."""
+    layer = _layer(**CASES[name]).eval()
+    x = torch.randn(n_tokens, D, dtype=torch.float64)
+    ids = torch.randint(0, V, (n_tokens,))
+    layer.router.token_ids = ids                         # what a Transformer's embedding hands over
+    with torch.no_grad():
+        want = layer(x, token_ids=ids)
+        got, experts = layer.infer(x)
+    torch.testing.assert_close(got, want.output, rtol=1e-12, atol=1e-12)
+    if want.stats.expert_mask is not None:               # relu: the used experts, -1 past them
+        assert torch.equal(experts, want.stats.expert_ids.masked_fill(~want.stats.expert_mask, -1))
+    else:
+        assert torch.equal(experts, want.stats.expert_ids)
+
+
+@pytest.mark.parametrize("preset", ["hash-moe", "sbase-moe", "reinforce-moe", "remoe", "hetero-moe"])
+def test_cached_generation_equals_the_full_forward(preset):
+    """Built on meta and materialised as training builds it, then greedy decoding with the cache:
+    every generated token is the argmax of a full forward over the sequence so far."""
+    import moelab.generate  # noqa: F401  (adds Transformer.generate)
+    from moelab.model.weights import build_on_meta, materialize
+    sets = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64",
+            "model.max_seq_len=32", "model.ffn_hidden=64", "model.moe.expert_hidden=32"]
+    if preset == "hetero-moe":
+        sets[-1] = "model.moe.expert_hidden=[8, 8, 16, 16, 32, 32, 64, 80]"
+    cfg = moelab.resolve_config(preset, sets).model
+    torch.manual_seed(0)
+    model = materialize(build_on_meta(cfg)).eval()
+    if preset == "remoe":
+        assert all(float(m.router.l1_coef) == cfg.moe.relu_l1_coef for m in model.moe_layers())
+    if preset == "hash-moe":
+        tables = [m.router.hash_table for m in model.moe_layers()]
+        assert all(torch.equal(t, tables[0]) for t in tables) and len(set(tables[0][:, 0].tolist())) > 1
+    prompt = torch.tensor([[5, 17, 33, 2, 9], [1, 2, 3, 4, 5]])
+    gen = model.generate(prompt, max_new_tokens=5, temperature=0, trace_experts=True)
+    for b in range(2):
+        seq = torch.cat([prompt[b:b + 1], torch.tensor([gen.tokens[b]])], dim=1)
+        with torch.no_grad():
+            logits = model(seq).logits[0]
+        assert gen.tokens[b] == logits[4:-1].argmax(-1).tolist()
+        assert all(0 <= e < 8 for step in gen.experts[b] for layer in step for e in layer)
