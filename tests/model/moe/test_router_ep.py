@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import moelab
-from moelab.train.trainer import load_metrics, train
+from moelab.runfolder import load_metrics
+from moelab.train.trainer import train
 
 pytestmark = pytest.mark.slow
 

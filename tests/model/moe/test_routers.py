@@ -5,7 +5,6 @@ promise (determinism, exact capacity, balance, where the gradient comes from).""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
