@@ -5,6 +5,12 @@ experts but its top-k are left out. Forward FLOPs per token follow Kaplan et al.
 multiply-accumulate of every active matmul weight (embedding lookups cost nothing), plus attention
 scores and the weighted sum of values at a given sequence length, averaged over causal positions
 (an encoder's every position attends all of them).
+
+Where a token's routed parameters are not fixed by the config, the active count is an expectation
+and :func:`active_basis` says which: heterogeneous experts (a list ``expert_hidden``) count the
+mean expert under uniform routing; the ReLU router counts its target of ``top_k`` experts, expert
+choice its ``capacity_factor * top_k`` experts per token on average. :func:`measured_active` replaces
+that expectation by the routing measured on held-out tokens (``moelab inspect`` reports it).
 """
 
 from __future__ import annotations
@@ -45,24 +51,36 @@ class FFNParams:
     (routed experts split over EP ranks, the rest replicated on them) and what a token uses."""
 
     dense: int = 0          # dense SwiGLU (a dense layer)
-    router: int = 0         # gate (+ learned noise weight for the noisy router)
-    router_active: int = 0  # the gate alone: the noise weight only acts in training
+    router: int = 0         # gate (+ learned noise weight, + group gate); 0 for hash routing
+    router_active: int = 0  # what a token uses of it: the noise weight only acts in training
     experts: int = 0        # number of routed experts
-    per_expert: int = 0     # one routed expert
+    per_expert: int = 0     # one routed expert (heterogeneous: the mean one, rounded)
     top_k: int = 0
     shared: int = 0         # shared experts (+ their sigmoid gate)
+    expert_sizes: tuple[int, ...] = ()   # heterogeneous experts: each routed expert's parameters
+    experts_per_token: float = 0.0       # expected routed experts per token (top_k unless variable)
 
     @property
     def routed(self) -> int:
-        return self.experts * self.per_expert
+        return sum(self.expert_sizes) if self.expert_sizes else self.experts * self.per_expert
 
     @property
     def total(self) -> int:
         return self.dense + self.router + self.routed + self.shared
 
     @property
+    def routed_active(self) -> int:
+        """Routed parameters one token uses: exact for fixed top-k and one width, else the
+        expectation :func:`active_basis` names."""
+        if self.expert_sizes:
+            return round(self.experts_per_token * self.routed / self.experts)
+        if self.experts_per_token == self.top_k:
+            return self.top_k * self.per_expert
+        return round(self.experts_per_token * self.per_expert)
+
+    @property
     def active(self) -> int:
-        return self.dense + self.router_active + self.top_k * self.per_expert + self.shared
+        return self.dense + self.router_active + self.routed_active + self.shared
 
 
 def ffn_params(cfg: ModelConfig, layer: int) -> FFNParams:
@@ -75,8 +93,57 @@ def ffn_params(cfg: ModelConfig, layer: int) -> FFNParams:
     if m.num_shared_experts:
         shared = 3 * D * m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden)
         shared += D if m.shared_expert_gate else 0
-    return FFNParams(router=E * D * (2 if m.router == "noisy" else 1), router_active=E * D, experts=E,
-                     per_expert=3 * D * m.expert_hidden, top_k=m.top_k, shared=shared)
+    gate = 0 if m.router == "hash" else E * D
+    groups = m.n_groups * D if m.group_router == "learned" else 0
+    sizes = tuple(3 * D * h for h in m.expert_widths(E)) if m.heterogeneous else ()
+    return FFNParams(router=gate * (2 if m.router == "noisy" else 1) + groups, router_active=gate + groups,
+                     experts=E, per_expert=round(sum(sizes) / E) if sizes else 3 * D * m.expert_hidden,
+                     top_k=m.top_k, shared=shared, expert_sizes=sizes,
+                     experts_per_token=experts_per_token(cfg, E))
+
+
+def experts_per_token(cfg: ModelConfig, num_experts: int) -> float:
+    """Routed experts a token uses on average: top_k, except expert choice (each of E experts
+    takes capacity_factor * N * K / E of N tokens: capacity_factor * K per token, at most E)."""
+    m = cfg.moe
+    if m.router == "expert_choice":
+        return min(float(num_experts), (m.capacity_factor or 1.0) * m.top_k)
+    return float(m.top_k)
+
+
+def active_basis(cfg: ModelConfig) -> str:
+    """What the active count and FLOPs per token of ``cfg`` assume about routing."""
+    m = cfg.moe
+    if not cfg.moe_layer_indices():
+        return "exact (dense)"
+    parts = []
+    if m.router == "relu":
+        parts.append(f"expectation at the ReLU router's target of top_k = {m.top_k} experts per token")
+    elif m.router == "expert_choice":
+        parts.append(f"expectation: expert choice gives tokens {experts_per_token(cfg, m.num_experts):g} "
+                     "experts on average (capacity_factor x top_k)")
+    if m.heterogeneous:
+        parts.append("expectation under uniform routing over experts of different widths (the mean "
+                     "expert); `moelab inspect` measures it under the trained routing on held-out tokens")
+    return "; ".join(parts) if parts else "exact (top-k routing, one expert width)"
+
+
+def measured_active(cfg: ModelConfig, assignments: dict[int, list[float]], tokens: int,
+                    seq_len: int | None = None) -> dict:
+    """Active parameters and forward FLOPs per token with each MoE layer's routed parameters taken
+    from measured routing: ``assignments[layer][e]`` = assignments expert e ran over ``tokens``
+    tokens. Labelled with its basis."""
+    base = param_counts(cfg)
+    delta = 0.0
+    for layer, counts in assignments.items():
+        f = ffn_params(cfg, layer)
+        sizes = f.expert_sizes or (f.per_expert,) * f.experts
+        measured = sum(c * s for c, s in zip(counts, sizes)) / max(tokens, 1)
+        delta += measured - f.routed_active
+    flops = flops_per_token(cfg, seq_len)
+    return {"active_params": round(base["active"] + delta),
+            "flops_per_token": round(flops["total"] + 2 * delta),
+            "basis": f"expectation under the routing measured on {tokens:,} held-out tokens"}
 
 
 def _ffn_params(cfg: ModelConfig, layer: int) -> tuple[int, int]:
@@ -162,7 +229,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, bytes_per_elem:
         E = cfg.experts_in_layer(i)
         if E:
             m = cfg.moe
-            ffn = m.top_k * (D + 3 * m.expert_hidden) + 3 * E
+            ffn = round(experts_per_token(cfg, E) * (D + 3 * m.mean_expert_hidden)) + 3 * E
             if m.num_shared_experts:
                 ffn += 3 * m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden)
         else:
@@ -195,6 +262,7 @@ def describe(cfg: ModelConfig, batch: int = 8, seq_len: int | None = None) -> di
     return {
         "total_params": counts["total"],
         "active_params": counts["active"],
+        "active_basis": active_basis(cfg),
         "embedding_params": counts["embedding"],
         "flops_per_token": flops["total"],
         "flops": flops,

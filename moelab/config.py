@@ -40,8 +40,10 @@ class OptionError(ConfigError):
         return flag + text[len(self.option):] if text.startswith(self.option) else f"{flag}: {text}"
 
 
-RouterKind = Literal["softmax", "noisy", "sigmoid"]
+RouterKind = Literal["softmax", "noisy", "sigmoid", "hash", "expert_choice", "sinkhorn", "reinforce", "relu"]
 GroupScore = Literal["max", "top2"]
+GroupRouter = Literal["score", "learned"]
+HashKind = Literal["balanced", "random"]
 AttentionKind = Literal["gqa", "mla"]
 QKNorm = Literal["none", "head", "full"]
 DropPolicy = Literal["position", "score"]
@@ -77,6 +79,12 @@ MAX_TIMEOUT_S = 7 * 24 * 3600
 # need model.causal = false. Named before they are implemented, so that adding one to RouterKind
 # brings this rule with it.
 SEQUENCE_ROUTER_KINDS = ("expert_choice",)
+# Routers that give each token a varying number of experts (expert choice: zero or several; ReLU
+# gates: every expert whose gate is positive), rather than exactly top_k.
+VARIABLE_ROUTER_KINDS = ("expert_choice", "relu")
+# Routers without learned scores to balance, rescale or group: hash routing is a fixed function of
+# the token id.
+SCORELESS_ROUTER_KINDS = ("hash",)
 ATTENTION_KINDS = typing.get_args(AttentionKind)
 
 
@@ -99,11 +107,35 @@ class MoEConfig:
     num_experts: int = 8              # routed experts per MoE layer
     # One count per MoE layer, in layer order (DeepSpeed PR-MoE pyramid); None = num_experts each.
     num_experts_per_layer: Optional[tuple[int, ...]] = None
-    top_k: int = 2                    # experts each token is sent to
-    expert_hidden: int = 512          # hidden width of each routed expert's SwiGLU
+    # Experts per token; for "relu" the target average (ReMoE), for "expert_choice" the average
+    # that sets each expert's capacity (Zhou et al. 2022).
+    top_k: int = 2
+    # Hidden width of each routed expert's SwiGLU: one width for all, or a list with one width per
+    # routed expert (heterogeneous experts, HMoE, Wang et al. 2024), e.g. [128, 128, 256, 256].
+    expert_hidden: Union[int, tuple[int, ...]] = 512
     # How experts are scored: "softmax" (top-k over softmax probabilities), "noisy" (learned noise
-    # added to the logits in training, Shazeer et al. 2017), "sigmoid" (DeepSeek-V3 affinities)
+    # added to the logits in training, Shazeer et al. 2017), "sigmoid" (DeepSeek-V3 affinities),
+    # "hash" (a fixed function of the token id, Roller et al. 2021), "expert_choice" (each expert
+    # picks its tokens, Zhou et al. 2022; encoders only), "sinkhorn" (S-BASE, Clark et al. 2022),
+    # "reinforce" (RL-R, Clark et al. 2022), "relu" (ReMoE, Wang et al. 2025); docs/routers.md
     router: RouterKind = "softmax"
+    # hash router: "balanced" assigns token ids to experts greedily by their frequency in the training
+    # tokens so that loads are equal there (fitted once when training starts, saved with the
+    # weights); "random" is a fixed random function of the token id drawn at initialisation.
+    hash: HashKind = "balanced"
+    sinkhorn_iters: int = 3           # sinkhorn router: Sinkhorn iterations balancing the training assignment
+    # reinforce router: weight of the policy-gradient loss (at 0.1 the router's gradient norm at
+    # initialisation is about the softmax router's; at 1 it is 14x that, a large share of the clip)
+    reinforce_coef: float = 0.1
+    # reinforce router: decay of the running baseline of the per-token loss that the reward is
+    # measured against (baseline = decay * baseline + (1 - decay) * the step's mean loss).
+    reinforce_baseline_decay: float = 0.99
+    # relu router: starting coefficient of the L1 sparsity loss; it then adapts every optimiser step
+    # (ReMoE starts at 1e-8 for runs of tens of thousands of steps; 1e-6 reaches the target sooner).
+    relu_l1_coef: float = 1e-6
+    # relu router: the L1 coefficient is multiplied by this factor after a step with more active
+    # experts per token than top_k, and divided by it after a step with fewer (ReMoE's alpha).
+    relu_l1_factor: float = 1.2
     # Renormalise the top-k weights to sum to one (Mixtral). Applies for top_k > 1 only: a top-1
     # weight stays the router probability (Switch), since a constant 1 would give the router no
     # gradient from the task loss.
@@ -112,13 +144,19 @@ class MoEConfig:
     n_groups: int = 1                 # group-limited routing (DeepSeek-V2/V3); 1 = off
     topk_groups: int = 1              # groups each token may use (DeepSeek topk_group)
     group_score: GroupScore = "max"   # V2 scores a group by its best expert, V3 by its top-2 sum
+    # How the topk_groups groups are chosen: "score" from the expert scores (DeepSeek-V2/V3, see
+    # group_score); "learned" by a separate group gate (hierarchical MoE, Shazeer et al. 2017), whose
+    # probability multiplies the expert's probability within its group.
+    group_router: GroupRouter = "score"
     bias_update_rate: float = 0.0     # DeepSeek-V3 aux-loss-free balancing speed (gamma); 0 = off
     capacity_factor: Optional[float] = None       # None = dropless (training)
     eval_capacity_factor: Optional[float] = None  # None = dropless in eval / generation
     # With a capacity: which assignments are dropped first when an expert is over capacity,
     # "position" (later tokens in the batch, Switch) or "score" (lowest router weight)
     drop_policy: DropPolicy = "position"
-    aux_loss_coef: float = 0.01       # Switch load-balancing loss
+    # Switch load-balancing loss (hash, expert_choice and relu routers balance by other means and
+    # do not use it).
+    aux_loss_coef: float = 0.01
     seq_aux_loss_coef: float = 0.0    # DeepSeek-V3 sequence-wise balance loss
     z_loss_coef: float = 0.0          # ST-MoE router z-loss
     # Over which tokens the balance loss counts expert frequencies: "micro" = this process's
@@ -127,8 +165,29 @@ class MoEConfig:
     # two are the same; "global" is what makes an N-process run equal the 1-process run.
     balance_scope: BalanceScope = "global"
     num_shared_experts: int = 0       # always-on experts every token goes through (DeepSeekMoE)
-    shared_expert_hidden: Optional[int] = None  # per shared expert; None = expert_hidden
+    shared_expert_hidden: Optional[int] = None  # per shared expert; None = expert_hidden (one width)
     shared_expert_gate: bool = False  # Qwen2-MoE sigmoid gate on the shared expert
+    # HMoE's parameter penalty (Wang et al. 2024): the balance loss with each expert's load weighted
+    # by its relative width, so routing favours narrow experts; needs a list expert_hidden.
+    size_penalty_coef: float = 0.0
+
+    @property
+    def heterogeneous(self) -> bool:
+        """True when expert_hidden lists one width per routed expert."""
+        return isinstance(self.expert_hidden, tuple)
+
+    def expert_widths(self, num_experts: int) -> tuple[int, ...]:
+        """The hidden width of each of ``num_experts`` routed experts."""
+        if isinstance(self.expert_hidden, tuple):
+            return self.expert_hidden
+        return (self.expert_hidden,) * num_experts
+
+    @property
+    def mean_expert_hidden(self) -> float:
+        """The routed experts' mean width (their common width when homogeneous)."""
+        if isinstance(self.expert_hidden, tuple):
+            return sum(self.expert_hidden) / len(self.expert_hidden)
+        return float(self.expert_hidden)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,6 +379,9 @@ class Config:
         if self.train.objective == "mlm" and self.model.causal:
             _fail("train.objective", self.train.objective,
                   "needs a bidirectional model: set model.causal = false")
+        if self.parallel.ep > 1 and self.model.moe.heterogeneous and self.model.moe_layer_indices():
+            _fail("parallel.ep", self.parallel.ep, "must be 1 with heterogeneous experts (a list "
+                  "model.moe.expert_hidden): experts of different widths are not split over ranks")
         return self
 
     def validate_for_training(self) -> "Config":
@@ -454,12 +516,18 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
     if not 0 <= moe.first_dense <= m.n_layers:
         _fail(f"{p}.first_dense", moe.first_dense, f"must be in [0, n_layers={m.n_layers}]")
     _in_range(f"{p}.num_experts", moe.num_experts, MAX_EXPERTS)
-    _in_range(f"{p}.expert_hidden", moe.expert_hidden, MAX_WIDTH)
+    if moe.heterogeneous:
+        for i, width in enumerate(moe.expert_hidden):
+            _in_range(f"{p}.expert_hidden[{i}]", width, MAX_WIDTH)
+    else:
+        _in_range(f"{p}.expert_hidden", moe.expert_hidden, MAX_WIDTH)
     _one_of(f"{p}.router", moe.router, ROUTER_KINDS)
     if moe.router in SEQUENCE_ROUTER_KINDS and m.causal:
         _fail(f"{p}.router", moe.router, "routes each token by looking at the whole batch or "
               "sequence, which a causal decoder must not: it needs model.causal = false")
     _one_of(f"{p}.group_score", moe.group_score, typing.get_args(GroupScore))
+    _one_of(f"{p}.group_router", moe.group_router, typing.get_args(GroupRouter))
+    _one_of(f"{p}.hash", moe.hash, typing.get_args(HashKind))
     _one_of(f"{p}.drop_policy", moe.drop_policy, typing.get_args(DropPolicy))
     _one_of(f"{p}.balance_scope", moe.balance_scope, typing.get_args(BalanceScope))
     if moe.top_k < 1:
@@ -496,6 +564,82 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
     _at_most(f"{p}.num_shared_experts", moe.num_shared_experts, MAX_EXPERTS)
     if moe.shared_expert_hidden is not None:
         _in_range(f"{p}.shared_expert_hidden", moe.shared_expert_hidden, MAX_WIDTH)
+    _validate_router_kind(m, p, counts)
+    _validate_heterogeneous(m, p, counts)
+
+
+def _validate_router_kind(m: ModelConfig, p: str, counts: list[int]) -> None:
+    """The new routers' own fields, and the compositions that have no meaning for them."""
+    moe = m.moe
+    kind = moe.router
+    _at_least(f"{p}.sinkhorn_iters", moe.sinkhorn_iters, 1)
+    _positive(f"{p}.reinforce_coef", moe.reinforce_coef)
+    if not 0 <= moe.reinforce_baseline_decay < 1:
+        _fail(f"{p}.reinforce_baseline_decay", moe.reinforce_baseline_decay, "must be in [0, 1)")
+    _positive(f"{p}.relu_l1_coef", moe.relu_l1_coef)
+    if not moe.relu_l1_factor > 1:
+        _fail(f"{p}.relu_l1_factor", moe.relu_l1_factor, "must be > 1 (1 would never adapt)")
+    _at_least(f"{p}.size_penalty_coef", moe.size_penalty_coef, 0)
+    if moe.group_router == "learned":
+        if moe.n_groups < 2:
+            _fail(f"{p}.group_router", moe.group_router, "needs n_groups >= 2 (a gate over one group "
+                  "picks nothing)")
+        if kind not in ("softmax", "noisy"):
+            _fail(f"{p}.group_router", moe.group_router, f"multiplies two softmax gates; router "
+                  f"{kind!r} has no within-group softmax: use router = 'softmax' or 'noisy'")
+    why = {
+        "hash": "has no router scores (a fixed function of the token id)",
+        "expert_choice": "lets each expert pick its tokens",
+        "sinkhorn": "balances the assignment by Sinkhorn iterations",
+        "reinforce": "samples its experts as a policy",
+        "relu": "gates every expert by a ReLU",
+    }.get(kind)
+    if why is None:
+        return
+    if moe.n_groups > 1 and moe.group_router == "score":
+        _fail(f"{p}.n_groups", moe.n_groups, f"group-limited routing needs router softmax, noisy or "
+              f"sigmoid: router {kind!r} {why}")
+    if moe.bias_update_rate > 0:
+        _fail(f"{p}.bias_update_rate", moe.bias_update_rate, f"the DeepSeek-V3 selection bias needs "
+              f"router softmax, noisy or sigmoid: router {kind!r} {why}")
+    if moe.routed_scaling != 1.0 and kind in ("hash", "relu"):
+        _fail(f"{p}.routed_scaling", moe.routed_scaling, f"must be 1: router {kind!r} {why}")
+    if kind in SCORELESS_ROUTER_KINDS:
+        for name in ("z_loss_coef", "seq_aux_loss_coef", "size_penalty_coef"):
+            if getattr(moe, name) > 0:
+                _fail(f"{p}.{name}", getattr(moe, name), f"must be 0: router {kind!r} {why}")
+    if kind in VARIABLE_ROUTER_KINDS and moe.seq_aux_loss_coef > 0:
+        _fail(f"{p}.seq_aux_loss_coef", moe.seq_aux_loss_coef, f"must be 0: router {kind!r} gives "
+              "tokens a varying number of experts, which the sequence-wise loss does not count")
+    if kind == "relu":
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(moe, name) is not None:
+                _fail(f"{p}.{name}", getattr(moe, name), "must be none: ReLU routing is dropless "
+                      "(its number of active experts varies per token)")
+    if kind == "expert_choice":
+        if moe.size_penalty_coef > 0:
+            _fail(f"{p}.size_penalty_coef", moe.size_penalty_coef, "must be 0: with expert choice "
+                  "every expert takes the same number of tokens, so no penalty can favour narrow ones")
+    if kind == "reinforce" and not m.causal:
+        _fail(f"{p}.router", kind, "its reward is each token's own next-token loss, which a masked "
+              "LM (model.causal = false) scores for ~15% of the tokens only: use it in a decoder")
+
+
+def _validate_heterogeneous(m: ModelConfig, p: str, counts: list[int]) -> None:
+    moe = m.moe
+    if not moe.heterogeneous:
+        if moe.size_penalty_coef > 0:
+            _fail(f"{p}.size_penalty_coef", moe.size_penalty_coef, "needs experts of different widths: "
+                  "give model.moe.expert_hidden as a list, one width per routed expert")
+        return
+    widths = list(moe.expert_hidden)
+    for e in counts:
+        if len(widths) != e:
+            _fail(f"{p}.expert_hidden", widths, f"lists {len(widths)} widths; every MoE layer has {e} "
+                  "routed experts, and it needs one width per routed expert")
+    if moe.num_shared_experts and moe.shared_expert_hidden is None:
+        _fail(f"{p}.shared_expert_hidden", None, "must be set when expert_hidden is a list: the "
+              "routed experts have no single width for the shared experts to copy")
 
 
 def _validate_train(t: TrainConfig, p: str = "train") -> None:

@@ -427,7 +427,8 @@ def _decode_n(model: "Transformer", rows: list[list[int]], opts: SamplingOptions
             logits_BV, ids = decode(model, next_B, cache)                       # ids: (B, K) each
             if trace:
                 per_layer = [x.tolist() for x in ids]
-                experts = [None if t is None else [layer[b] for layer in per_layer]
+                # ReLU routing pads each token's experts with -1 past the ones it used
+                experts = [None if t is None else [[e for e in layer[b] if e >= 0] for layer in per_layer]
                            for b, t in enumerate(tokens)]
         elif trace:
             experts = [None] * B

@@ -84,7 +84,8 @@ def run(args) -> int:
         print(f"  layer {layer['layer']:>2}: {ffn:<60} params {_human(layer['total'])} "
               f"(active {_human(layer['active'])})")
     print(f"total params      {info['total_params']:>14,}")
-    print(f"active params     {info['active_params']:>14,}")
+    print(f"active params     {info['active_params']:>14,}"
+          + ("" if info["active_basis"].startswith("exact") else f"  ({info['active_basis']})"))
     print(f"FLOPs / token     {info['flops_per_token']:>14,}  (forward, seq {seq})")
     mem = info["memory_bytes"]
     print(f"memory (train, batch {batch} x {seq}, fp32 + AdamW): weights {_bytes(mem['weights'])}, "

@@ -116,7 +116,7 @@ def _weight_bytes(model) -> tuple[int, list[int]]:
     total = sum(p.numel() for p in model.parameters())
     per_expert, routed = [], 0
     for moe in model.moe_layers():
-        n = moe.experts.w_gate_up.numel() + moe.experts.w_down.numel()
+        n = sum(p.numel() for p in moe.experts.parameters())     # heterogeneous: every width group
         routed += n
         per_expert.append(n // moe.num_experts)
     embed = 0 if model.lm_head is None else model.embed.weight.numel()

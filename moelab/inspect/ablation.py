@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from moelab.config import VARIABLE_ROUTER_KINDS
 from moelab.inspect.errors import InspectError
 from moelab.inspect.source import Batch
 from moelab.model.moe import MoE
@@ -53,7 +54,8 @@ def route_around(routing: Routing, expert: int, renormalize: bool) -> Routing:
 @contextlib.contextmanager
 def ablated(moe: MoE, expert: int) -> Iterator[None]:
     """While inside, ``moe`` routes around ``expert``."""
-    renormalize = moe.cfg.renormalize and moe.cfg.top_k > 1
+    # ReLU gates and expert choice's scores are not normalised over a token's experts
+    renormalize = moe.cfg.renormalize and moe.cfg.top_k > 1 and moe.cfg.router not in VARIABLE_ROUTER_KINDS
     handle = moe.router.register_forward_hook(
         lambda module, inputs, routing: route_around(routing, expert, renormalize))
     try:

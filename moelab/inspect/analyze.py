@@ -14,6 +14,7 @@ import numpy as np
 from moelab.config import ConfigError
 from moelab.inspect import ablation as A
 from moelab.inspect import specialization as S
+from moelab.inspect import widths as W
 from moelab.inspect.coactivation import coactivation_ratio, strongest_pairs
 from moelab.inspect.collect import Collected, collect
 from moelab.inspect.errors import InspectError
@@ -113,6 +114,14 @@ def inspect_run(run_dir: str | Path, opts: InspectOptions = InspectOptions(), *,
     got = collect(model, source.batches(n, seq, batch), num_categories=len(names), against=against,
                   on_tokens=progress("routing", n))
     layers = [_layer_result(got, i, names, source) for i in range(len(got.layers))]
+    active_measured = None
+    if W.needs_measured_active(cfg):
+        active_measured = W.measured_active_section(
+            cfg, {lc.layer: lc.kept_E.tolist() for lc in got.layers}, got.tokens, seq)
+    if cfg.model.moe.heterogeneous:
+        for lr, lc in zip(layers, got.layers):
+            lr["widths"] = W.width_section(cfg.model.moe.expert_widths(lc.num_experts), lc.cat_CE.numpy(),
+                                           lc.kept_E.numpy(), names)
 
     ablation = None
     if items is not None:
@@ -138,6 +147,7 @@ def inspect_run(run_dir: str | Path, opts: InspectOptions = InspectOptions(), *,
         "num_layers": cfg.model.n_layers,
         "moe_layers": [lc.layer for lc in got.layers],
         "loss": got.loss,
+        "active_measured": active_measured,
         "window": {"seq_len": seq, "batch_size": batch},
         "categories": {"kind": source.category_kind, "names": list(names),
                        "tokens": got.cat_tokens_C.tolist() if names else []},

@@ -11,14 +11,19 @@ the two layers' memberships counts which expert in layer l+1 follows which in la
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
 
-def membership(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(N, E) float32 0/1: expert e is among token n's choices."""
+def membership(ids_NK: torch.Tensor, num_experts: int, mask_NK: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N, E) float32 0/1: expert e is among token n's choices (those ``mask_NK`` keeps, for
+    routers whose tokens use a varying number of experts)."""
     m = torch.zeros(ids_NK.shape[0], num_experts, dtype=torch.float32, device=ids_NK.device)
-    return m.scatter_(1, ids_NK.long(), 1.0)
+    if mask_NK is None:
+        return m.scatter_(1, ids_NK.long(), 1.0)
+    return m.scatter_(1, ids_NK.long(), mask_NK.float())
 
 
 def _count(a_NE: torch.Tensor, b_NE: torch.Tensor) -> torch.Tensor:
@@ -26,16 +31,18 @@ def _count(a_NE: torch.Tensor, b_NE: torch.Tensor) -> torch.Tensor:
     return (a_NE.T @ b_NE).round().long().cpu()
 
 
-def coactivation_counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def coactivation_counts(ids_NK: torch.Tensor, num_experts: int,
+                        mask_NK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(E, E) int64, symmetric: [i, j] = tokens choosing both i and j; [i, i] = tokens choosing i."""
-    m = membership(ids_NK, num_experts)
+    m = membership(ids_NK, num_experts, mask_NK)
     return _count(m, m)
 
 
 def transition_counts(ids_a_NK: torch.Tensor, ids_b_NK: torch.Tensor, experts_a: int,
-                      experts_b: int) -> torch.Tensor:
+                      experts_b: int, mask_a_NK: Optional[torch.Tensor] = None,
+                      mask_b_NK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(Ea, Eb) int64: [i, j] = tokens with i in layer a's set and j in layer b's."""
-    return _count(membership(ids_a_NK, experts_a), membership(ids_b_NK, experts_b))
+    return _count(membership(ids_a_NK, experts_a, mask_a_NK), membership(ids_b_NK, experts_b, mask_b_NK))
 
 
 def coactivation_ratio(counts_EE: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from moelab.config import VARIABLE_ROUTER_KINDS
 from moelab.inspect.coactivation import coactivation_counts, membership, transition_counts
 from moelab.inspect.source import Batch
 from moelab.inspect.specialization import PairCounts
@@ -80,7 +81,8 @@ def collect(model: Transformer, batches: Iterable[Batch], *, num_categories: int
     """Route every batch through ``model`` (and ``against``, for router saturation) once."""
     layout = moe_layout(model)
     K = model.config.moe.top_k
-    sample_limit = min(sample_limit, SAMPLE_ENTRIES // max(1, len(layout) * K))
+    width = max(E for _, E in layout) if model.config.moe.router in VARIABLE_ROUTER_KINDS else K
+    sample_limit = min(sample_limit, SAMPLE_ENTRIES // max(1, len(layout) * width))
     C = max(num_categories, 1)
     layers = [LayerCounts(layer=l, num_experts=E, kept_E=torch.zeros(E, dtype=torch.long),
                           chosen_E=torch.zeros(E, dtype=torch.long),
@@ -100,6 +102,8 @@ def collect(model: Transformer, batches: Iterable[Batch], *, num_categories: int
         N = x.numel()
         loss_sum += float(out.loss) * N
         ids = [s.expert_ids for s in out.router_stats]                       # each (N, K)
+        # variable routers (relu, expert_choice): ids are (N, E) and the mask says which were used
+        masks = [s.expert_mask for s in out.router_stats]
         other = [s.expert_ids for s in against(x, targets=y).router_stats] if against is not None else None
         tokens_N = x.flatten()
         cats_N = batch.cat_BT.flatten().to(device) if batch.cat_BT is not None and num_categories else None
@@ -110,25 +114,27 @@ def collect(model: Transformer, batches: Iterable[Batch], *, num_categories: int
                 sample_cats.append(cats_N[:take].cpu())
         for i, (lc, st) in enumerate(zip(layers, out.router_stats)):
             E = lc.num_experts
-            ids_NK = ids[i]
+            ids_NK, mask_NK = ids[i], masks[i]
             lc.kept_E += st.tokens_per_expert.long().cpu()
-            lc.chosen_E += torch.bincount(ids_NK.flatten(), minlength=E).cpu()
-            lc.coact_EE += coactivation_counts(ids_NK, E)
-            lc.top1.add(tokens_N, ids_NK[:, :1])
-            lc.topk.add(tokens_N, ids_NK)
+            used = ids_NK.flatten() if mask_NK is None else ids_NK[mask_NK]
+            lc.chosen_E += torch.bincount(used, minlength=E).cpu()
+            lc.coact_EE += coactivation_counts(ids_NK, E, mask_NK)
+            lc.top1.add(tokens_N, ids_NK[:, :1], None if mask_NK is None else mask_NK[:, :1])
+            lc.topk.add(tokens_N, ids_NK, mask_NK)
             lc.entropy_sum += float(st.entropy) * N
             lc.dropped_sum += float(st.dropped_fraction) * N
             if cats_N is not None:
                 cat_NC = torch.zeros(N, C, device=device).scatter_(1, cats_N[:, None], 1.0)
-                lc.cat_CE += (cat_NC.T @ membership(ids_NK, E)).round().long().cpu()
+                lc.cat_CE += (cat_NC.T @ membership(ids_NK, E, mask_NK)).round().long().cpu()
             if lc.next_EF is not None:
                 nxt = layers[i + 1]
-                lc.next_EF += transition_counts(ids_NK, ids[i + 1], E, nxt.num_experts)
+                lc.next_EF += transition_counts(ids_NK, ids[i + 1], E, nxt.num_experts, mask_NK, masks[i + 1])
             if other is not None:
                 lc.saturation_top1 += int((ids_NK[:, 0] == other[i][:, 0]).sum())
                 lc.saturation_overlap += int((ids_NK[:, :, None] == other[i][:, None, :]).any(-1).sum())
             if take > 0:
-                lc.sample_ids.append(ids_NK[:take].to(torch.int16).cpu())   # E <= 32767
+                sample = ids_NK[:take] if mask_NK is None else ids_NK[:take].masked_fill(~mask_NK[:take], -1)
+                lc.sample_ids.append(sample.to(torch.int16).cpu())   # E <= 32767
         sampled += max(take, 0)
         tokens += N
         if on_tokens is not None:

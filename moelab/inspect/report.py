@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from moelab.fileio import write_text_atomic
-from moelab.inspect import plots
+from moelab.inspect import plots, widths
 
 TOP_TOKENS_SHOWN = 6
 
@@ -78,7 +78,7 @@ def render_markdown(result: dict, figures: list[Path]) -> str:
            "than randomly permuted categories by z > 3 standard deviations.", ""]
     out += _load_section(result) + _coactivation_section(result) + _vocab_section(result)
     out += _category_section(result) + _ablation_section(result) + _saturation_section(result)
-    out += _trace_section(result)
+    out += _trace_section(result) + widths.markdown(result)
     out += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     return "\n".join(out)
 

@@ -22,6 +22,7 @@ Definitions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,8 +45,9 @@ class PairCounts:
         self._pending: list[torch.Tensor] = []
         self._pending_n = 0
 
-    def add(self, tokens_N: torch.Tensor, experts_NK: torch.Tensor) -> None:
-        keys = (tokens_N.long().unsqueeze(1) * self.E + experts_NK.long()).flatten().cpu()
+    def add(self, tokens_N: torch.Tensor, experts_NK: torch.Tensor, mask_NK: Optional[torch.Tensor] = None) -> None:
+        keys_NK = tokens_N.long().unsqueeze(1) * self.E + experts_NK.long()
+        keys = (keys_NK.flatten() if mask_NK is None else keys_NK[mask_NK]).cpu()
         self._pending.append(keys)
         self._pending_n += keys.numel()
         if self._pending_n >= max(MIN_PENDING, len(self.keys)):
@@ -171,8 +173,10 @@ def category_test(cat_S: np.ndarray, ids_SK: np.ndarray, num_categories: int, nu
     random relabellings of the same tokens."""
     C, E = num_categories, num_experts
 
+    used = ids_SK >= 0             # variable routers: -1 marks an expert the token did not use
+
     def mi(cats: np.ndarray) -> float:
-        keys = (cats[:, None] * E + ids_SK).ravel()
+        keys = (cats[:, None] * E + ids_SK)[used]
         return mutual_information_bits(np.bincount(keys, minlength=C * E).reshape(C, E))
 
     rng = np.random.default_rng(seed)

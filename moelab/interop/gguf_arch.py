@@ -68,7 +68,11 @@ MOE_FIELDS = {
     # training only: inference is dropless and these only shape losses or bias updates (the bias
     # values themselves are exported, or refused where the architecture has none)
     "capacity_factor", "drop_policy", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef",
-    "balance_scope", "bias_update_rate",
+    "balance_scope", "bias_update_rate", "size_penalty_coef",
+    # settings of router kinds that are refused by name (see _check_moe): known, so that the
+    # refusal names the router rather than one of its settings
+    "hash", "sinkhorn_iters", "reinforce_coef", "reinforce_baseline_decay", "relu_l1_coef",
+    "relu_l1_factor", "group_router",
 }
 MLA_FIELDS = {"kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}
 ROPE_KINDS = ("default", "linear")
@@ -132,6 +136,9 @@ def _check_moe(m: ModelConfig, layers: list[int]) -> None:
     if moe.router not in SOFTMAX_ROUTERS + SIGMOID_ROUTERS:
         refuse("model.moe.router", moe.router, "llama.cpp routes by softmax top-k (or sigmoid top-k "
                f"with a selection bias); allowed: {', '.join(SOFTMAX_ROUTERS + SIGMOID_ROUTERS)}")
+    if moe.group_router != "score":
+        refuse("model.moe.group_router", moe.group_router, "a separate learned group gate (hierarchical "
+               "MoE); llama.cpp chooses expert groups from the expert scores only")
     counts = {m.experts_in_layer(i) for i in layers}
     if len(counts) > 1:
         refuse("model.moe.num_experts_per_layer", list(moe.num_experts_per_layer or ()),

@@ -65,6 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = scored_N.sum().to(stats_dtype)
         inv_count = count.reciprocal()
         loss = h_ND.new_zeros((), dtype=stats_dtype)
+        token_loss_N = h_ND.new_empty(N, dtype=stats_dtype)      # each position's own loss (0 if unscored)
         for s in range(0, N, chunk):
             h_CD = h_ND[s:s + chunk].to(compute_dtype)
             scored_C1 = scored_N[s:s + chunk, None]
@@ -77,7 +78,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs_CV = logits_CV.sub_(max_C1).exp_()                          # unnormalised
             sum_C1 = probs_CV.sum(dim=-1, keepdim=True)
             lse_C1 = max_C1 + sum_C1.log()
-            loss += (lse_C1 - target_C1).where(scored_C1, 0).sum()
+            chunk_loss_C1 = (lse_C1 - target_C1).where(scored_C1, 0)
+            token_loss_N[s:s + chunk] = chunk_loss_C1.squeeze(1)
+            loss += chunk_loss_C1.sum()
             if not (need_h or need_w):
                 continue
             # dL/dlogits = (softmax - one_hot) / count on scored rows, 0 on the others
@@ -93,11 +96,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += (grad_CV.t() @ h_CD).to(grad_w.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        return loss / count
+        ctx.mark_non_differentiable(token_loss_N)
+        return loss / count, token_loss_N
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, _grad_token_loss: Optional[torch.Tensor] = None):
         grad_h, grad_w = ctx.saved_tensors
         # in place: the saved gradients are used once; usually grad_loss is 1 (two small passes)
         if grad_h is not None:
@@ -115,6 +119,14 @@ def linear_cross_entropy(h: torch.Tensor, weight_VD: torch.Tensor, targets: torc
     position that is not scored (the mean is over the scored ones). Under autocast the matmuls run
     in the autocast dtype and the softmax in float32, as ``F.cross_entropy(logits.float(), y)``
     after an autocast ``F.linear`` would."""
+    return linear_cross_entropy_per_token(h, weight_VD, targets, chunk)[0]
+
+
+def linear_cross_entropy_per_token(h: torch.Tensor, weight_VD: torch.Tensor, targets: torch.Tensor,
+                                   chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mean loss as :func:`linear_cross_entropy`, each position's own loss (N,) without
+    gradient, 0 where unscored), from the same single pass over the logits: the REINFORCE router's
+    per-token reward reads them."""
     h_ND = h.reshape(-1, h.shape[-1])
     targets_N = targets.reshape(-1)
     if targets_N.shape[0] != h_ND.shape[0]:

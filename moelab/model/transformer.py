@@ -22,8 +22,11 @@ from torch import nn
 from moelab.config import ConfigError, ModelConfig
 from moelab.model.attention import AttentionContext, build_attention
 from moelab.model.ffn import SwiGLU
-from moelab.model.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from moelab.model.linear_cross_entropy import (
+    IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_per_token,
+)
 from moelab.model.moe import MoE, MoEOutput, RouterStats
+from moelab.model.moe.router import adapt_relu_l1
 from moelab.model.norm import RMSNorm
 from moelab.model.rope import rope_tables
 
@@ -72,7 +75,7 @@ class Block(nn.Module):
         n_experts = cfg.experts_in_layer(layer)
         self.is_moe = n_experts > 0
         if self.is_moe:
-            self.ffn = MoE(cfg.d_model, n_experts, config=cfg.moe, layer=layer)
+            self.ffn = MoE(cfg.d_model, n_experts, config=cfg.moe, layer=layer, vocab_size=cfg.vocab_size)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
@@ -133,7 +136,15 @@ class Transformer(nn.Module):
         # recompute each block's activations in the backward instead of keeping them
         # (``parallel.activation_checkpointing``; training only)
         self.activation_checkpointing = False
+        if cfg.moe.router == "hash" and self.moe_layers():
+            # hash routers route by token id: every run of the model (forward, generation) embeds
+            # its tokens first, so the embedding hands them over
+            self.embed.register_forward_pre_hook(self._hand_token_ids_to_routers)
         self.reset_parameters()
+
+    def _hand_token_ids_to_routers(self, _embed: nn.Module, args: tuple) -> None:
+        for moe in self.moe_layers():
+            moe.router.token_ids = args[0].reshape(-1)
 
     # ---- parameters ---------------------------------------------------------------------------
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +155,15 @@ class Transformer(nn.Module):
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Compute the buffers no checkpoint holds (the RoPE tables, on the CPU as at construction,
         then moved to ``device``), and give every buffer still on the meta device its initial
-        value, zeros (routers' balancing biases and load counts). For a model built on the meta
+        value: the MoE layers' own (``MoE.init_buffers``), zeros elsewhere (balancing biases and
+        load counts). For a model built on the meta
         device (``moelab.model.weights``)."""
         device = device if device is not None else self.embed.weight.device
         with torch.device("cpu"):
             cos, sin = self._rope_tables()
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for moe in self.moe_layers():
+            moe.init_buffers(device)      # widths, the hash table, ReLU's L1 coefficient
         for module in self.modules():
             for name, buf in module._buffers.items():
                 if buf is not None and buf.is_meta:
@@ -178,8 +192,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_router_biases(self) -> None:
-        """Apply DeepSeek-V3 aux-loss-free bias updates; call once per optimiser step."""
-        for moe in self.moe_layers():
+        """Apply DeepSeek-V3 aux-loss-free bias updates (and the other routers' per-step state:
+        ReLU routing's L1 coefficient, REINFORCE's baseline); call once per optimiser step."""
+        moes = self.moe_layers()
+        if moes:
+            adapt_relu_l1([moe.router for moe in moes], moes[0].count_reducer)
+        for moe in moes:
             moe.router.update_bias(moe.count_reducer)
 
     def new_cache(self, batch: int, max_len: Optional[int] = None,
@@ -244,7 +262,15 @@ class Transformer(nn.Module):
                 # boolean index needs).
                 scored = targets != IGNORE_INDEX                              # (B, T)
                 h, targets = h[scored], targets[scored]                       # (N, D), (N,)
-            loss = linear_cross_entropy(h, self.lm_weight, targets)
+            policy = [(moe, s.policy_logprob) for moe, s in zip(self.moe_layers(), stats)
+                      if s.policy_logprob is not None]
+            if policy:
+                # REINFORCE routers (training): the reward is each token's own loss, read from the
+                # same pass of the fused head
+                loss, token_loss_N = linear_cross_entropy_per_token(h, self.lm_weight, targets)
+                aux_loss = aux_loss + sum(moe.router.policy_loss(lp, token_loss_N) for moe, lp in policy)
+            else:
+                loss = linear_cross_entropy(h, self.lm_weight, targets)
             return ModelOutput(None, aux_loss, stats, loss)
         return ModelOutput(self.lm_logits(self.norm(x)), aux_loss, stats)
 

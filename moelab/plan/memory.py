@@ -75,7 +75,7 @@ def block_activation_bytes(cfg: ModelConfig, layer: int, act: int) -> tuple[int,
     extra = H * LSE_BYTES
     if f.experts:
         m = cfg.moe
-        k, Hx = m.top_k, m.expert_hidden
+        k, Hx = m.top_k, round(m.mean_expert_hidden)          # heterogeneous: the mean width
         shared = (m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden)) if m.num_shared_experts else 0
         tensors += [k * D, 2 * k * Hx, k * Hx, k * D]              # dispatched rows, gate|up, product, outputs
         tensors += [2 * shared, shared]                             # shared experts: gate|up, product

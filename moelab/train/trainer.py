@@ -23,6 +23,7 @@ import torch
 
 from moelab.accounting import describe
 from moelab.config import Config, ConfigError
+from moelab.model.moe.hash_table import fit_hash_routers
 from moelab.lock import FolderLock, FolderLockedError
 from moelab.model.moe.layer import load_cv, max_over_mean
 from moelab.model.transformer import ModelOutput, Transformer
@@ -198,6 +199,8 @@ def setup(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: b
     logger.open_tensorboard()           # its import is not training memory: do it before tracking
     memory = PeakMemory(device).start()
     model = _build_model(cfg, runtime, init_from, logger)     # built on meta, sharded, then filled
+    if init_from is None and point is None and fit_hash_routers(model, data.train_tokens):
+        logger.info("hash routers: balanced token-id tables fitted to the training tokens")
     optimizer = build_optimizer(model, t_cfg)
     checkpointer = Checkpointer(run_dir, runtime, t_cfg.keep_checkpoints)
     loop = LoopState()

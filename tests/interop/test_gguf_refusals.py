@@ -65,15 +65,31 @@ def test_heterogeneous_experts_are_refused():
 
 
 def test_unknown_config_field_is_refused_unless_default():
-    """A field the exporter has never heard of (say the learned group gate another change adds) is
-    refused when set, and harmless at its default."""
-    Extended = dataclasses.make_dataclass("Extended", [("group_router", str, dataclasses.field(default="none"))],
+    """A field the exporter has never heard of (one a later change adds) is refused when set, and
+    harmless at its default."""
+    Extended = dataclasses.make_dataclass("Extended", [("future_gate", str, dataclasses.field(default="none"))],
                                           bases=(MoEConfig,), frozen=True, kw_only=True)
     base = cfg("moe")
     fields = {f.name: getattr(base.moe, f.name) for f in dataclasses.fields(MoEConfig)}
     assert choose(dataclasses.replace(base, moe=Extended(**fields))).arch == "llama"
-    msg = refusal(dataclasses.replace(base, moe=Extended(**fields, group_router="learned")))
-    assert "model.moe.group_router = 'learned'" in msg
+    msg = refusal(dataclasses.replace(base, moe=Extended(**fields, future_gate="learned")))
+    assert "model.moe.future_gate = 'learned'" in msg
+
+
+@pytest.mark.parametrize("preset,extra,named", [
+    ("hash-moe", [], "model.moe.router = 'hash'"),
+    ("sbase-moe", [], "model.moe.router = 'sinkhorn'"),
+    ("reinforce-moe", [], "model.moe.router = 'reinforce'"),
+    ("remoe", [], "model.moe.router = 'relu'"),
+    ("hetero-moe", ["model.moe.expert_hidden=[16, 16, 32, 32]"], "model.moe.expert_hidden = (16, 16, 32, 32)"),
+    ("bert-ec", [], "model.causal = False"),
+    ("moe", ["model.moe.n_groups=2", "model.moe.topk_groups=1", "model.moe.group_router=learned"],
+     "model.moe.group_router = 'learned'"),
+])
+def test_the_routers_of_issue_27_are_refused_by_name(preset, extra, named):
+    """Every new router kind, the learned group gate and heterogeneous experts are refused naming
+    their own field (not one of their settings)."""
+    assert named in refusal(moelab.resolve_config(preset, TINY + list(extra)).model)
 
 
 @pytest.mark.parametrize("extra,field", [
@@ -113,6 +129,14 @@ def test_cli_refuses_an_encoder_and_writes_nothing(tmp_path, capsys):
     assert main(["convert", "--to-gguf", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot export to GGUF: model.causal = False") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [run]
+
+
+def test_cli_refuses_hash_routing_and_writes_nothing(tmp_path, capsys):
+    run = _run_folder(tmp_path, "hash-moe")
+    assert main(["convert", "--to-gguf", str(run), "--out", str(tmp_path / "hash.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot export to GGUF: model.moe.router = 'hash'") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == [run]
 
 

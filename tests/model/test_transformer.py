@@ -21,6 +21,8 @@ def _small(preset):
         overrides.append("model.moe.layers=[1]")
     if cfg.model.moe.first_dense:
         overrides.append("model.moe.first_dense=1")
+    if cfg.model.moe.heterogeneous:                              # hetero-moe: one width per expert
+        overrides.append("model.moe.expert_hidden=[16, 16, 32, 32, 32, 32, 48, 48]")
     return moelab.build(preset, overrides)
 
 
@@ -33,7 +35,8 @@ def test_every_preset_builds_runs_and_counts_exactly(preset):
     for layer in range(model.config.n_layers):
         E = model.config.experts_in_layer(layer)
         if E:
-            per_expert = 3 * model.config.d_model * model.config.moe.expert_hidden
+            # heterogeneous experts: the expectation under uniform routing (the mean width)
+            per_expert = 3 * model.config.d_model * model.config.moe.mean_expert_hidden
             expected_active -= (E - model.config.moe.top_k) * per_expert
             if model.config.moe.router == "noisy":
                 expected_active -= E * model.config.d_model

@@ -296,6 +296,15 @@ def check_gqa(m: ModelConfig, family: str, *, qk_norm: str = "none", bias: bool 
                "projection, which moelab does not have")
 
 
+# Routers whose inference routing no family here computes (sinkhorn and reinforce route by plain
+# softmax top-k at inference, so they export as softmax).
+NOT_EXPORTABLE_ROUTERS = {
+    "hash": "hash routing picks experts from a table of token ids; the family routes by a gate",
+    "expert_choice": "experts choose their tokens; the family's tokens choose their experts",
+    "relu": "ReLU gates give tokens a varying number of experts; the family routes to top-k",
+}
+
+
 def check_moe_export(m: ModelConfig, family: str, notes: list[str], *, router: str = "softmax") -> None:
     """Refuse what an HF MoE family cannot express; note what is training-only and dropped."""
     moe = m.moe
@@ -304,9 +313,19 @@ def check_moe_export(m: ModelConfig, family: str, notes: list[str], *, router: s
     if moe.num_experts_per_layer is not None and len(set(moe.num_experts_per_layer)) > 1:
         refuse(family, f"num_experts_per_layer = {list(moe.num_experts_per_layer)}",
                "the family has one expert count for every MoE layer")
+    if moe.router in NOT_EXPORTABLE_ROUTERS:
+        refuse(family, f"moe.router = {moe.router!r}", NOT_EXPORTABLE_ROUTERS[moe.router])
+    if moe.group_router == "learned":
+        refuse(family, "moe.group_router = 'learned'", "no Hugging Face family has a separate group gate")
+    if moe.heterogeneous:
+        refuse(family, f"moe.expert_hidden = {list(moe.expert_hidden)}",
+               "the family's routed experts all have one width")
     kind = "sigmoid" if moe.router == "sigmoid" else "softmax"
     if kind != router:
         refuse(family, f"moe.router = {moe.router!r}", f"this family's router is {router}")
+    if moe.router in ("sinkhorn", "reinforce"):
+        notes.append(f"moe.router = {moe.router!r}: its inference routing is plain softmax top-k, which "
+                     "the family computes; the training-only rule is dropped")
     if moe.router == "noisy":
         notes.append("moe.router = 'noisy': the learned noise acts only in training and is dropped; "
                      "inference routing is the same softmax top-k")
@@ -317,7 +336,7 @@ def check_moe_export(m: ModelConfig, family: str, notes: list[str], *, router: s
         notes.append(f"moe.capacity_factor = {moe.capacity_factor} is training-only (inference is dropless) and is dropped")
     if moe.n_groups > 1 and router != "sigmoid":
         refuse(family, f"moe.n_groups = {moe.n_groups}", "group-limited routing exists only in deepseek_v3")
-    for name in ("seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+    for name in ("seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "size_penalty_coef"):
         if getattr(moe, name) > 0:
             notes.append(f"moe.{name} = {getattr(moe, name)} is training-only and is dropped")
 

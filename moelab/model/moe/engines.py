@@ -82,6 +82,10 @@ def choose_engine(experts, x: torch.Tensor, num_rows: Optional[int],
             return "all_experts"
     if getattr(experts, "weight_format", "float") == "int8":
         return "int8"
+    if not hasattr(experts, "backend"):
+        # experts of several widths (``hetero.HeteroExperts``): each width's group picks its own
+        # engine inside ``forward_dispatched``
+        return "loop"
     requested = experts.backend
     backend = default_backend(x.device) if requested == "auto" else requested
     if (requested == "auto" and backend == "loop" and num_rows is not None and HAS_GROUPED_MM
@@ -93,10 +97,14 @@ def choose_engine(experts, x: torch.Tensor, num_rows: Optional[int],
     return backend
 
 
-def infer_experts(experts, x_ND: torch.Tensor, routing: "Routing") -> torch.Tensor:
+def infer_experts(experts, x_ND: torch.Tensor, routing: "Routing",
+                  keep_NK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The routed experts' dropless output for inference, (N, D), on the engine ``choose_engine``
-    picks."""
+    picks. ``keep_NK``: the assignments that run (ReLU routing's active experts, a varying number
+    per token), dispatched like training's; None = all."""
     N, K = routing.ids_NK.shape
+    if keep_NK is not None:
+        return experts.forward_dispatched(x_ND, plan_dispatch(routing, experts.num_experts, keep_NK))
     engine = choose_engine(experts, x_ND, N * K, decode=(N, K))
     if engine == "one_token":
         return one_token(experts, x_ND, routing.ids_NK, routing.weights_NK)

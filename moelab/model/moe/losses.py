@@ -65,3 +65,36 @@ def router_entropy(probs_NE: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy (nats) of the routing distribution; log(E) is uniform."""
     p = probs_NE.float().clamp_min(1e-12)
     return -(p * p.log()).sum(dim=-1).mean()
+
+
+def relu_l1_loss(gates_NE: torch.Tensor, active_E: torch.Tensor, tokens: torch.Tensor,
+                 top_k: int) -> torch.Tensor:
+    """ReMoE's load-balanced L1 sparsity loss (Wang et al. 2025, section 3.3): sum_e f_e * mean_n
+    g_ne, with f_e = E / (K * tokens) * (tokens with expert e active) the expert's activation
+    frequency relative to the target (1 when every expert serves K/E of the tokens). Pushing the
+    gates of busy experts harder down both sparsifies and balances. ``active_E`` and ``tokens``
+    may cover every data-parallel rank (they carry no gradient); the mean is over ``gates_NE``."""
+    E = gates_NE.shape[1]
+    f_E = active_E.to(gates_NE.dtype) * E / (top_k * tokens.to(gates_NE.dtype).clamp_min(1))
+    return (f_E * gates_NE.mean(dim=0)).sum()
+
+
+def size_penalty_loss(probs_NE: torch.Tensor, counts_E: torch.Tensor, widths_E: torch.Tensor) -> torch.Tensor:
+    """HMoE's parameter penalty (Wang et al. 2024): the Switch balance loss E * sum_i f_i P_i with
+    each expert's term weighted by its width relative to the mean width, so that the router is
+    pushed off the wide experts more than off the narrow ones. With equal widths it is the Switch
+    loss. (The paper scales by the expert's parameter count; widths are proportional to it.)"""
+    E = probs_NE.shape[1]
+    f_E = counts_E.float() / counts_E.sum().clamp_min(1)
+    p_E = probs_NE.float().mean(dim=0)
+    size_E = widths_E.float() / widths_E.float().mean()
+    return E * (size_E * f_E * p_E).sum()
+
+
+def active_expert_stats(keep_NE: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How many experts each token used (variable routers): mean, 95th percentile and the share of
+    tokens that used none (they pass on the residual alone)."""
+    active_N = keep_NE.sum(dim=-1).float()
+    return {"active_experts_mean": active_N.mean(),
+            "active_experts_p95": torch.quantile(active_N, 0.95) if active_N.numel() else active_N.sum(),
+            "zero_expert_fraction": (active_N == 0).float().mean()}
