@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moelab.compare.plan import write_json
+from moelab.compare.plan import unit_dir, write_json
 
 PROMPTS = 8
 PROMPT_TOKENS = 64
@@ -53,7 +53,7 @@ def load_measurement(out_dir: Path, unit: dict) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _load(run_dir: str):
+def _load(run_dir: Path):
     from moelab import load
     from moelab.train.checkpoint import read_config
     return load(run_dir), read_config(run_dir)
@@ -190,10 +190,29 @@ def _summarise(model, rows: list[dict], prompts_BT: torch.Tensor) -> dict:
 INSPECT_TOKENS = 16384
 
 
-def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] = print) -> None:
+def _inspect(run_dir: Path, categories: str) -> dict:
+    """inspect's summary of one run; with named categories (``folder`` for the two-domain corpus)
+    also each layer's category test and per-category expert shares."""
+    from moelab.inspect import InspectOptions, inspect_run, summarize
+    result = inspect_run(run_dir, InspectOptions(tokens=INSPECT_TOKENS, ablate="none", device="cpu",
+                                                 categories=categories))
+    out = summarize(result)
+    if categories != "auto":
+        out["categories"] = result["categories"]
+        out["by_category"] = [
+            {"layer": l["layer"], "specialised": l.get("category_specialised"),
+             "mi_bits": l.get("category_mi_bits"), "mi_chance_bits": l.get("category_mi_chance_bits"),
+             "mi_z": l.get("category_mi_z"), "uniform": l.get("category_uniform"),
+             "share": l.get("category_share", {})}
+            for l in result["layers"]]
+    return out
+
+
+def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] = print,
+                  categories: str = "auto") -> None:
     """``moelab inspect``'s summary (load, dead experts, strongest specialisation) of each sparse
     model's first-seed run: one pass over INSPECT_TOKENS held-out tokens, no ablation."""
-    from moelab.inspect import InspectError, summary
+    from moelab.inspect import InspectError
     first = {}
     for u in units:
         first.setdefault(u["model"], u)
@@ -202,7 +221,7 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
         if "inspect" in rec:
             continue
         try:
-            rec["inspect"] = summary(unit["run_dir"], tokens=INSPECT_TOKENS)
+            rec["inspect"] = _inspect(unit_dir(out_dir, unit), categories)
         except InspectError:                       # a dense model: nothing routed
             rec["inspect"] = None
         else:
@@ -211,7 +230,7 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
 
 
 def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
-                  log: Callable[[str], None] = print) -> None:
+                  log: Callable[[str], None] = print, categories: str = "auto") -> None:
     """Fill ``DIR/measurements/<unit>.json`` for every unit (validation losses per batch) and, for
     ``inference_units``, the inference numbers; units measured before are not measured again."""
     val_tokens = ValTokens()
@@ -219,12 +238,12 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
     if todo:
         log(f"scoring {len(todo)} trained model(s) batch by batch on the validation set")
     for unit in todo:
-        model, cfg = _load(unit["run_dir"])
+        model, cfg = _load(unit_dir(out_dir, unit))
         losses = validation_batch_losses(model, cfg, val_tokens)
         rec = load_measurement(out_dir, unit)
         rec["val_batch_losses"] = losses
         write_json(_path(out_dir, unit), rec)
-    inspect_units(out_dir, inference_units, log)
+    inspect_units(out_dir, inference_units, log, categories)
     pending = [u for u in inference_units if "inference" not in load_measurement(out_dir, u)]
     by_seed: dict = {}
     for u in pending:
@@ -233,7 +252,7 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
         log(f"measuring inference of {len(pending)} trained model(s): prefill, decode at batch 1 and 8, "
             f"{ROUNDS} interleaved rounds")
     for seed, group in by_seed.items():
-        loaded = [(u, *_load(u["run_dir"])) for u in group]
+        loaded = [(u, *_load(unit_dir(out_dir, u))) for u in group]
         prompts = [_prompts(m, c, val_tokens) for _, m, c in loaded]
         rows: list[list[dict]] = [[] for _ in loaded]
         for r in range(ROUNDS + 1):                       # round 0 warms up and is dropped

@@ -35,12 +35,14 @@ def unit_state(run_dir: str | Path) -> UnitState:
     return UnitState.NEW
 
 
-def train_command(unit: dict, state: UnitState, show_progress: bool | None, nproc: int = 1) -> list[str]:
-    """The ``moelab train`` argument list for a unit that still needs training."""
+def train_command(unit: dict, run_dir: Path, state: UnitState, show_progress: bool | None,
+                  nproc: int = 1) -> list[str]:
+    """The ``moelab train`` argument list for a unit that still needs training (``run_dir``: its
+    resolved folder)."""
     if state is UnitState.RESUMABLE:
-        args = ["train", "--resume", unit["run_dir"]]
+        args = ["train", "--resume", str(run_dir)]
     else:
-        args = ["train", "--out", unit["run_dir"], *unit["train_args"]]
+        args = ["train", "--out", str(run_dir), *unit["train_args"]]
     if nproc > 1:
         args += ["--nproc", str(nproc)]
     if show_progress is False:
@@ -56,16 +58,18 @@ def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
               log: Callable[[str], None] = print) -> None:
     """Train every unit that is not finished; a failure stops the compare with a message that
     says how to continue."""
+    from moelab.compare.plan import unit_dir
     units = plan["units"]
     for i, unit in enumerate(units, 1):
-        state = unit_state(unit["run_dir"])
+        run_dir = unit_dir(out_dir, unit)
+        state = unit_state(run_dir)
         tag = f"[{i}/{len(units)}] {unit['id']}"
         if state is UnitState.FINISHED:
             log(f"{tag}: finished earlier, skipped")
             continue
         log(f"{tag}: {'resuming from its last checkpoint' if state is UnitState.RESUMABLE else 'training'}"
             f" ({unit['model']}, seed {unit['seed']}, budget {unit['budget']})")
-        code, stopped = _train(train_command(unit, state, show_progress, plan.get("nproc", 1)))
+        code, stopped = _train(train_command(unit, run_dir, state, show_progress, plan.get("nproc", 1)))
         if stopped:
             raise CompareStopped(f"compare stopped during {unit['id']} (its last checkpoint is kept); "
                                  f"continue with: moelab compare --resume {out_dir}")
