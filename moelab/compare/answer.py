@@ -258,9 +258,7 @@ def evaluate(exp: Expectation, studies: dict) -> ExpectationResult:
     j = None if m is None or ref is None else judge_measure(m, ref, exp.measure)
     outcome = outcome_of(exp.verdict, None if j is None else j.verdict.verdict)
     body = "no numbers" if j is None else judged_line(j).split(": ", 1)[1]
-    where = f" [{exp.variant}]" if exp.variant else ""
-    return ExpectationResult(exp, j, outcome,
-                             f"{exp.describe(ref_name)}{where}: {outcome} ({body})")
+    return ExpectationResult(exp, j, outcome, f"{exp.describe(ref_name)}: {outcome} ({body})")
 
 
 def _evaluate_contrast(exp: Expectation, studies: dict, ref_name: str) -> ExpectationResult:

@@ -188,19 +188,26 @@ def _summarise(model, rows: list[dict], prompts_BT: torch.Tensor) -> dict:
 
 
 INSPECT_TOKENS = 16384
+# the two-domain corpus's validation split lists one domain's documents before the other's: route
+# all of it (about 100k tokens at the full corpus), so that both domains are in the sample
+DOMAIN_INSPECT_TOKENS = 131072
 
 
 def _inspect(run_dir: Path, categories: str) -> dict:
     """inspect's summary of one run; with named categories (``folder`` for the two-domain corpus)
     also each layer's category test and per-category expert shares."""
     from moelab.inspect import InspectOptions, inspect_run, summarize
-    result = inspect_run(run_dir, InspectOptions(tokens=INSPECT_TOKENS, ablate="none", device="cpu",
+    tokens = INSPECT_TOKENS if categories == "auto" else DOMAIN_INSPECT_TOKENS
+    result = inspect_run(run_dir, InspectOptions(tokens=tokens, ablate="none", device="cpu",
                                                  categories=categories))
     out = summarize(result)
     if categories != "auto":
         out["categories"] = result["categories"]
+        # with one category in the sample there is nothing to test (inspect's permutation test
+        # then has zero spread and reports z = inf): say so instead of "specialised"
+        testable = sum(1 for n in result["categories"]["tokens"] if n > 0) >= 2
         out["by_category"] = [
-            {"layer": l["layer"], "specialised": l.get("category_specialised"),
+            {"layer": l["layer"], "specialised": l.get("category_specialised") if testable else None,
              "mi_bits": l.get("category_mi_bits"), "mi_chance_bits": l.get("category_mi_chance_bits"),
              "mi_z": l.get("category_mi_z"), "uniform": l.get("category_uniform"),
              "share": l.get("category_share", {})}

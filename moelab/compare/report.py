@@ -302,7 +302,7 @@ def print_tables(rows: list[ModelSummary], payload: dict, verdicts: dict, out_di
         console.print(table)
     console.print("[bold]What this run shows[/bold]")
     for line in payload["findings"]:
-        console.print(f" - {line.replace('**', '')}", highlight=False)
+        console.print(f" - {line.replace('**', '')}", highlight=False, markup=False)
     print_answer(payload["study"], console)
     console.print(f"report: {out_dir / 'report.md'}  (results.json and PNG figures beside it)")
 
@@ -312,8 +312,9 @@ def print_answer(study: dict, console=None) -> None:
     if console is None:
         from rich.console import Console
         console = Console(width=None if sys.stdout.isatty() else 240)
-    console.print(f"[bold]Question[/bold]: {study['question']}", highlight=False)
-    console.print("[bold]Answer[/bold]", highlight=False)
-    for line in study["answer_lines"]:
-        console.print(" " + line.replace("**", ""), highlight=False)
+    console.print("[bold]Question[/bold]: ", end="")
+    console.print(study["question"], highlight=False, markup=False)
+    console.print("[bold]Answer[/bold]")
+    for line in study["answer_lines"]:           # no markup: "[mix]" is text, not a style
+        console.print(" " + line.replace("**", ""), highlight=False, markup=False)
 

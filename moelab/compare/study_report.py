@@ -66,6 +66,35 @@ def _figure(measure: str, studies: dict, out_dir: Path) -> Path:
     return _save(fig, out_dir / f"study_{measure.replace('@', '_at_')}.png")
 
 
+def routing_lines(plans: dict, out_dir: Path) -> list[str]:
+    """For variants inspected by category (the two-domain mix): per MoE layer, whether routing
+    depends on the domain (inspect's permutation test) and the expert that leans most to one."""
+    lines = []
+    for name, plan in plans.items():
+        if plan.get("inspect_categories", "auto") == "auto":
+            continue
+        path = out_dir / name / "results.json"
+        routing = json.loads(path.read_text(encoding="utf-8")).get("inspect", {}) if path.is_file() else {}
+        for model, s in routing.items():
+            parts = []
+            for layer in s.get("by_category") or []:
+                share = layer["share"]
+                if layer["specialised"] is None or len(share) < 2:
+                    parts.append(f"layer {layer['layer']}: one domain in the sample, not testable")
+                    continue
+                (a, sa), (b, sb) = list(share.items())[:2]
+                lean = max(range(len(sa)), key=lambda e: abs(sa[e] - sb[e]))
+                parts.append(f"layer {layer['layer']}: {'split by domain' if layer['specialised'] else 'no domain split'} "
+                             f"(MI {layer['mi_bits']:.4f} bits vs {layer['mi_chance_bits']:.4f} shuffled"
+                             + (f", z {layer['mi_z']:.1f}" if layer['mi_z'] is not None else "")
+                             + f"); expert {lean} takes {sa[lean]:.0%} of {a} and {sb[lean]:.0%} of {b} tokens "
+                             f"(uniform {layer['uniform']:.0%})")
+            counts = dict(zip(s["categories"]["names"], s["categories"]["tokens"]))
+            lines.append(f"- Routing by domain ({name}, {model}, first seed, {sum(counts.values()):,} held-out "
+                         f"tokens: {', '.join(f'{k} {v:,}' for k, v in counts.items())}): " + "; ".join(parts) + ".")
+    return lines
+
+
 def build_study_report(plans: dict, out_dir: Path) -> dict:
     first = next(iter(plans.values()))
     spec = first["study"]
@@ -81,7 +110,7 @@ def build_study_report(plans: dict, out_dir: Path) -> dict:
     n = len(first["seeds"])
     head = (f"At {budget} per model and seed ({n} seed{'s' if n != 1 else ''}), validation loss (nats, "
             f"lower is better, mean ± sd over seeds) and each model against {studies[next(iter(studies))].reference}, per variant:")
-    answer_lines = [head, *lines]
+    answer_lines = [head, *lines, *routing_lines(plans, out_dir)]
     claim = spec.get("claim")
     if claim:
         answer_lines.append(claim_line(claim, verdict))
