@@ -112,6 +112,8 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
         heat = plots.expert_load_heatmap(m, out_dir)
         if heat is not None:
             figures.append(heat)
+    if spec.get("name") and not spec.get("variant"):      # a study's own measures, as bars
+        figures += [plots.measure_bars(measure, {"": study}, out_dir) for measure in spec.get("report") or []]
 
     n = len(study.seeds)
     payload = {

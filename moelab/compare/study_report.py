@@ -11,11 +11,12 @@ from pathlib import Path
 from moelab.compare import stats
 from moelab.compare.analysis import Study, read_study
 from moelab.compare.answer import (
-    Expectation, claim_line, describe_measure, evaluate, judge_measure, judged_line, overall, run_values,
+    Expectation, claim_line, evaluate, judge_measure, judged_line, overall, run_values,
 )
 from moelab.compare.claim import measures_table
 from moelab.compare.findings import budget_words
 from moelab.compare.plan import write_json
+from moelab.compare.plots import measure_bars
 
 
 def _expectations(spec: dict) -> list[Expectation]:
@@ -32,38 +33,6 @@ def _variant_line(name: str, study: Study) -> tuple[str, list]:
     judged = [j for j in judged if j is not None]
     gaps = "; ".join(judged_line(j) for j in judged)
     return f"- **{name}**: {ranking}. {gaps}.", judged
-
-
-def _figure(measure: str, studies: dict, out_dir: Path) -> Path:
-    """Grouped bars: variants along x, one bar per model, ± sd over seeds."""
-    import numpy as np
-    from moelab.compare.plots import _plt, _save
-    plt = _plt()
-    variants = list(studies)
-    models = []
-    for s in studies.values():
-        models += [m for m in s.models if m not in models]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(variants) + 2), 4.0), dpi=110)
-    width = 0.8 / len(models)
-    for i, name in enumerate(models):
-        means, sds = [], []
-        for v in variants:
-            row = studies[v].by_budget[studies[v].headline].get(name)
-            vals = run_values(row, measure) if row is not None else []
-            means.append(np.nan if stats.mean(vals) is None else stats.mean(vals))
-            sds.append(0.0 if stats.sd(vals) is None else stats.sd(vals))
-        xs = np.arange(len(variants)) + (i - (len(models) - 1) / 2) * width
-        ax.bar(xs, means, width, yerr=sds, capsize=3, label=name)
-    ax.set_xticks(range(len(variants)), variants)
-    finite = [v for s in studies.values() for m in s.at() for v in run_values(m, measure) if v is not None]
-    if measure.startswith("val_loss") and finite:
-        lo, hi = min(finite), max(finite)
-        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3), hi + 0.15 * (hi - lo + 1e-3))
-    ax.set_ylabel(describe_measure(measure))
-    ax.set_title(f"{describe_measure(measure)} by variant (mean ± sd over seeds)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out_dir / f"study_{measure.replace('@', '_at_')}.png")
 
 
 def routing_lines(plans: dict, out_dir: Path) -> list[str]:
@@ -115,7 +84,7 @@ def build_study_report(plans: dict, out_dir: Path) -> dict:
     if claim:
         answer_lines.append(claim_line(claim, verdict))
         answer_lines += [f"  - {r.line}" for r in results]
-    figures = [_figure(m, studies, out_dir) for m in spec.get("report") or ["val_loss"]]
+    figures = [measure_bars(m, studies, out_dir) for m in spec.get("report") or ["val_loss"]]
     variant_results = {}
     for name, study in studies.items():
         models = {}
