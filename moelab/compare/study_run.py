@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from moelab.compare.plan import (
-    PLAN_FILE, ModelSpec, build_plan, check_budget_scale, headline_budget, load_plan, parse_budget,
+    ModelSpec, build_plan, check_budget_scale, headline_budget, load_plan, parse_budget,
     scale_budget, write_json, write_plan,
 )
 from moelab.compare.study import StudySpec, Variant
@@ -147,6 +147,3 @@ def run_variants(plans: dict, out_dir: Path, *, show_progress, log) -> dict:
     from moelab.compare.study_report import build_study_report
     return build_study_report(plans, out_dir)
 
-
-def plan_file(out_dir: Path) -> Path:
-    return out_dir / PLAN_FILE

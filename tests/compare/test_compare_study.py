@@ -40,7 +40,8 @@ def study(tmp_path_factory):
 
 def _summary(run_dir, out=None):
     """A unit's summary.json; ``run_dir`` is relative to the compare folder ``out``."""
-    return json.loads(((out / run_dir) if out is not None else Path(run_dir)) / "summary.json").read_text())
+    folder = out / run_dir if out is not None else Path(run_dir)
+    return json.loads((folder / "summary.json").read_text())
 
 
 def test_results_hold_mean_sd_and_seeds_equal_to_the_run_folders(study):
