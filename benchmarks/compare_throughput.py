@@ -15,7 +15,7 @@ One process trains every model, each from ``train.seed`` with its own optimiser,
 training batches (the built-in corpus, ``TokenBatches``), stepping as ``moelab.train.trainer``
 does at grad_accum=1 with compare's ``train.log_every=1``: forward with targets (the fused LM
 head + loss), loss + aux loss, the finite-loss check, backward, gradient clipping
-(``moelab.train.clip``), AdamW step, router bias update, ``zero_grad``, and every step the
+(``moelab.parallel.clip``), AdamW step, router bias update, ``zero_grad``, and every step the
 router-statistics host reads the trainer logs (``RouterStats.summary`` and the per-expert
 load). Evaluation and checkpoints are left out.
 
@@ -44,7 +44,7 @@ from moelab.compare.plan import budget_overrides
 from moelab.data import TokenBatches, prepare_data
 from moelab.model.transformer import Transformer
 from moelab.train.allocator import reuse_freed_memory
-from moelab.train.clip import clip_grad_norm_
+from moelab.parallel.clip import clip_grad_norm_
 from moelab.train.optim import build_optimizer, lr_at
 
 

@@ -58,7 +58,7 @@ from moelab.model.transformer import Transformer
 from moelab.presets import load_preset
 from moelab.train.compile import compile_dense_parts
 from moelab.train.optim import build_optimizer
-from moelab.train.trainer import lm_loss
+from moelab.train.evaluate import lm_loss
 
 
 @dataclass

@@ -1,26 +1,21 @@
-"""Generation: prefill, decode one token, decode n tokens, sampling, streaming.
+"""Generation: options, sampling, streaming, and the prefill/decode loop over the model's own
+inference step.
 
-Legend: B batch (prompts), T tokens in one forward call, N = B*T rows, D width, V vocabulary,
-K experts per token.
+Legend: B batch (prompts), T tokens in one step, D width, V vocabulary, K experts per token.
 
 The loop follows gpt-fast's ``generate.py``: ``prefill`` runs the (left-padded) prompts once and
 fills the static KV cache, ``decode_one`` feeds one token per row, ``stream`` samples and yields
-step by step, and ``generate`` collects the stream. Both forward functions are a lean inference
-walk over the model's own modules rather than ``Transformer.forward``: they skip what only
-training reads (aux losses, router statistics), project only the last position to the vocabulary,
-and run each MoE layer *dropless* whatever its capacity settings, because dropping would make a
-token's output depend on which other tokens share its batch (padding included) and cached decoding
-would no longer equal recomputing the whole sequence. ``tests/test_generate.py`` checks the walk
-against ``Transformer.forward`` on the full sequence at every step.
+step by step, and ``generate`` collects the stream. Both call ``Transformer.step``, the model's
+inference step (dropless routing, no aux losses, only the last position projected to the
+vocabulary), so there is one model and one forward per purpose; ``compile=True`` runs the decode
+step under torch.compile (``_decode_step``), and ``dtype=`` / ``quantize=`` convert the model to
+bf16 or int8 weight-only weights first (``moelab.quantize``). benchmarks/decode.py and
+benchmarks/decode_bandwidth.py measure the loop against Hugging Face ``generate`` and the
+memory-bandwidth limit (docs/inference.md).
 
-At batch 1 on CPU a decode step is a few dozen small matmuls, bound by reading the weights, plus
-hundreds of tiny ops whose dispatch overhead costs about as much again. So a MoE layer that sees
-one token runs just its K chosen experts (``_one_token_experts``) instead of sorting and looping
-over all E, and ``compile=True`` fuses most of the rest (``_decode_step``); benchmarks/decode.py
-measures both against Hugging Face ``generate``. ``dtype=`` and ``quantize=`` convert the model
-to bf16 or int8 weight-only weights first (``moelab.quantize``), which halve and quarter the
-bytes a step reads; benchmarks/decode_bandwidth.py measures them against the memory-bandwidth
-limit (docs/inference.md).
+This module sits above the model and gives ``Transformer`` its ``generate`` / ``stream``
+methods when imported (``moelab.build`` and ``moelab.load`` import it), so the model itself never
+imports the loop.
 """
 
 from __future__ import annotations
@@ -32,17 +27,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from moelab.config import ConfigError
-from moelab.model.moe.dispatch import plan_dispatch
-from moelab.model.moe.experts import GroupedExperts, clear_expert_views
+from moelab.config import OptionError
+from moelab.model.moe.engines import uses_all_experts
+from moelab.model.moe.experts import clear_expert_views
+from moelab.model.transformer import Transformer
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
 
-    from moelab.model.moe import MoE
-    from moelab.model.transformer import Cache, Transformer
+    from moelab.model.transformer import Cache
 
 Prompts = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]], torch.Tensor]
 
@@ -51,18 +45,9 @@ Prompts = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]], torc
 # Options
 # ---------------------------------------------------------------------------------------------
 
-class GenerationError(ConfigError):
-    """A bad generation option or prompt. ``option`` is its keyword name; the CLI shows it as a
-    flag (``top_p`` -> ``--top-p``). A ConfigError, so ``moelab`` exits with status 2."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(message)
-        self.option = option
-
-    def for_cli(self) -> str:
-        flag = "--" + self.option.replace("_", "-")
-        text = str(self)
-        return flag + text[len(self.option):] if text.startswith(self.option) else f"{flag}: {text}"
+class GenerationError(OptionError):
+    """A bad generation option or prompt, named by its keyword (a ConfigError, so ``moelab``
+    exits with status 2)."""
 
 
 def _bad(option: str, value: Any, allowed: str) -> GenerationError:
@@ -127,103 +112,21 @@ def sampling_options(options: Optional[SamplingOptions] = None, **kwargs: Any) -
 
 
 # ---------------------------------------------------------------------------------------------
-# The lean inference forward: prefill and decode_one
+# The model's inference step: prefill and decode_one
 # ---------------------------------------------------------------------------------------------
-
-def _one_token_experts(moe: "MoE", x_1D: torch.Tensor, ids_1K: torch.Tensor,
-                       weights_1K: torch.Tensor) -> torch.Tensor:
-    """The K chosen experts of a single token, summed with their weights: (1, D). Reading K ids
-    on the host costs nothing on CPU and saves the sort/count/loop over all E experts: only the
-    chosen experts' weights are read (float or int8 alike, through ``expert_forward``)."""
-    experts, out_1D = moe.experts, None
-    if torch.compiler.is_compiling():      # the ids become symbolic ints; weights stay tensors
-        for k, e in enumerate(ids_1K[0].tolist()):
-            y_1D = experts.expert_forward(e, x_1D) * weights_1K[:, k:k + 1].to(x_1D.dtype)  # (1, D)
-            out_1D = y_1D if out_1D is None else out_1D + y_1D
-        return out_1D
-    # eagerly the weights come to the host with the ids: one fused multiply-add per expert
-    for e, w in zip(ids_1K[0].tolist(), weights_1K[0].tolist()):
-        y_1D = experts.expert_forward(e, x_1D)                                          # (1, D)
-        out_1D = y_1D.mul_(w) if out_1D is None else out_1D.add_(y_1D, alpha=w)
-    return out_1D
-
-
-# A compiled decode step of several rows runs every expert on every row (``_all_experts``) when
-# there are at least this many assignments per expert (N * K / E): then nearly every expert is
-# reached anyway (each is missed with probability about e^-2 under uniform routing), so the
-# weights read are about the same, and the shapes do not depend on the routing, so one graph
-# serves every step. (The grouped engine cannot be traced for float32 on CPU: torch's grouped_mm
-# shape check demands bf16; eagerly it is the faster of the two, measured 3.8 vs 4.5 ms per
-# mixtral-preset layer at batch 8, float32, 1 thread, so eager decoding keeps dispatching.)
-ALL_EXPERTS_MIN_ROWS_PER_EXPERT = 2
-
-
-def uses_all_experts(moe: "MoE", num_tokens: int) -> bool:
-    return (isinstance(moe.experts, GroupedExperts)
-            and num_tokens * moe.cfg.top_k >= ALL_EXPERTS_MIN_ROWS_PER_EXPERT * moe.num_experts)
-
-
-def _all_experts(experts: GroupedExperts, x_ND: torch.Tensor, ids_NK: torch.Tensor,
-                 weights_NK: torch.Tensor) -> torch.Tensor:
-    """Every expert on every row, the rows each expert was not chosen for weighted by zero: (N, D).
-    The combine weight multiplies the SwiGLU output before the (linear) down projection, as in
-    the grouped engine."""
-    E, H = experts.num_experts, experts.hidden
-    w_EN = torch.zeros(x_ND.shape[0], E, dtype=x_ND.dtype, device=x_ND.device).scatter_(
-        1, ids_NK, weights_NK.to(x_ND.dtype)).t()                                  # (E, N)
-    gate_up_EN2H = torch.matmul(x_ND, experts.w_gate_up.transpose(1, 2))            # (E, N, 2H)
-    h_ENH = F.silu(gate_up_EN2H[..., :H]).mul_(gate_up_EN2H[..., H:]).mul_(w_EN[..., None])
-    return torch.bmm(h_ENH, experts.w_down.transpose(1, 2)).sum(dim=0)              # (N, D)
-
-
-def moe_infer(moe: "MoE", x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dropless MoE output for inference: ((N, D), expert ids (N, K)). Same routing and experts as
-    ``MoE.forward``, without capacity, aux losses or statistics."""
-    routing = moe.router(x_ND)
-    if x_ND.shape[0] == 1 and x_ND.device.type == "cpu":
-        out_ND = _one_token_experts(moe, x_ND, routing.ids_NK, routing.weights_NK)
-    elif torch.compiler.is_compiling() and uses_all_experts(moe, x_ND.shape[0]):
-        out_ND = _all_experts(moe.experts, x_ND, routing.ids_NK, routing.weights_NK)
-    else:
-        plan = plan_dispatch(routing, moe.num_experts)                           # dropless
-        out_ND = moe.experts.forward_dispatched(x_ND, plan)                      # as MoE.forward
-    if moe.shared is not None:
-        out_ND = out_ND + moe.shared_output(x_ND)
-    return out_ND, routing.ids_NK
-
-
-def _forward_last(model: "Transformer", tokens_BT: torch.Tensor,
-                  cache: "Cache") -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run T new tokens per row through the model, writing the cache; return the logits of the
-    last position (B, V) and each MoE layer's expert ids (B*T, K)."""
-    B, T = tokens_BT.shape
-    ctx = model._context(B, T, tokens_BT.device, cache)
-    x = model.embed(tokens_BT)                                                    # (B, T, D)
-    expert_ids: list[torch.Tensor] = []
-    for block, layer_cache in zip(model.blocks, cache.layers):
-        x = x + block.attn(block.attn_norm(x), ctx, layer_cache)
-        h = block.ffn_norm(x)
-        if block.is_moe:
-            y_ND, ids_NK = moe_infer(block.ffn, h.view(B * T, -1))
-            x = x + y_ND.view(B, T, -1)
-            expert_ids.append(ids_NK)
-        else:
-            x = x + block.ffn(h)
-    cache.pos += T
-    return model.lm_logits(model.norm(x[:, -1])), expert_ids                      # (B, V)
-
 
 def prefill(model: "Transformer", prompts_BT: torch.Tensor,
             cache: "Cache") -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """All prompt tokens at once into an empty cache: next-token logits (B, V)."""
-    return _forward_last(model, prompts_BT, cache)
+    """All prompt tokens at once into an empty cache: next-token logits (B, V) and each MoE
+    layer's expert ids (B*T, K)."""
+    return model.step(prompts_BT, cache)
 
 
 def decode_one(model: "Transformer", tokens_B: torch.Tensor,
                cache: "Cache") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One token per row at the cache's next slot: next-token logits (B, V) and, per MoE layer,
     the experts these tokens went to (B, K)."""
-    return _forward_last(model, tokens_B.view(-1, 1), cache)
+    return model.step(tokens_B.view(-1, 1), cache)
 
 
 _compiled_decode: Any = None     # torch.compile(decode_one), built on first use; False once it failed
@@ -232,8 +135,8 @@ _compiled_decode: Any = None     # torch.compile(decode_one), built on first use
 def _routing_free_shapes(model: "Transformer", batch: int) -> bool:
     """Whether decoding ``batch`` rows has no shape that depends on the routing, so that one
     compiled graph serves every step: true for a dense model and for MoE layers that run every
-    expert on the batch (``uses_all_experts``)."""
-    return all(uses_all_experts(moe, batch) for moe in model.moe_layers())
+    expert on the batch (``engines.uses_all_experts``)."""
+    return all(uses_all_experts(moe.experts, batch, moe.cfg.top_k) for moe in model.moe_layers())
 
 
 def _decode_step(compile: bool):
@@ -459,6 +362,8 @@ def stream(model: "Transformer", prompts: Prompts, options: Optional[SamplingOpt
     convert the model *in place* first, once (see :func:`moelab.quantize.prepare`).
     """
     opts = sampling_options(options, **kwargs)
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)     # what moelab.load attached, if any
     if opts.stop and tokenizer is None:
         raise GenerationError("stop", "stop strings need a tokenizer (pass tokenizer=)")
     rows = encode_prompts(prompts, tokenizer)
@@ -540,7 +445,11 @@ def generate(model: "Transformer", prompts: Prompts, options: Optional[SamplingO
     ``generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, temperature=0)`` or, with a
     tokenizer, ``generate(model, "def main(", tokenizer=tok, top_p=0.9, seed=0)``; add
     ``dtype="bfloat16"`` and/or ``quantize="int8"`` for the smaller, faster weight formats.
+    Without ``tokenizer``, the model's own (``model.tokenizer``, which ``moelab.load`` attaches)
+    is used when it has one.
     """
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
     tokens: list[list[int]] = []
     text: list[str] = []
     experts: list[list[Any]] = []
@@ -562,3 +471,23 @@ def generate(model: "Transformer", prompts: Prompts, options: Optional[SamplingO
     seconds = time.perf_counter() - start
     return Generation(tokens, text if tokenizer is not None else None, reasons, seconds,
                       experts if trace_experts else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's methods
+# ---------------------------------------------------------------------------------------------
+
+def _generate_method(self: Transformer, prompts: Prompts, options: Optional[SamplingOptions] = None,
+                     **kwargs: Any) -> Generation:
+    """Sample continuations; see :func:`moelab.generate.generate`."""
+    return generate(self, prompts, options, **kwargs)
+
+
+def _stream_method(self: Transformer, prompts: Prompts, options: Optional[SamplingOptions] = None,
+                   **kwargs: Any) -> Iterator[Step]:
+    """Yield one :class:`moelab.generate.Step` per new token; see :func:`moelab.generate.stream`."""
+    return stream(self, prompts, options, **kwargs)
+
+
+Transformer.generate = _generate_method
+Transformer.stream = _stream_method

@@ -26,20 +26,17 @@ scores text (``model(tokens)``) and generates. It cannot be trained or exported.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelab.generate import GenerationError
+from moelab.config import OptionError
 from moelab.model.moe.experts import GroupedExperts, expert_views
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moelab.config import ModelConfig
     from moelab.model.moe.dispatch import DispatchPlan
     from moelab.model.transformer import Transformer
 
@@ -56,6 +53,11 @@ INT8PACK_ALIGN_BYTES = 64
 # Options
 # ---------------------------------------------------------------------------------------------
 
+class QuantizeError(OptionError):
+    """A bad weight-format option (``dtype``, ``quantize``) or a missing torchao, named by its
+    keyword (a ConfigError, so ``moelab`` exits with status 2)."""
+
+
 def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     """A compute dtype from its name ("float32", "bfloat16") or a torch dtype; None stays None."""
     if dtype is None:
@@ -65,18 +67,18 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]
             return dtype
     elif isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise GenerationError("dtype", f"dtype = {dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+    raise QuantizeError("dtype", f"dtype = {dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
 
 
 def resolve_quantize(quantize: Optional[str]) -> Optional[str]:
     if quantize is None or quantize in QUANTIZATIONS:
         return quantize
-    raise GenerationError("quantize", f"quantize = {quantize!r} is invalid: must be "
+    raise QuantizeError("quantize", f"quantize = {quantize!r} is invalid: must be "
                           f"{' or '.join(QUANTIZATIONS)} (or None for unquantised weights)")
 
 
 def torchao_primitives():
-    """torchao's affine quantisation primitives, or a GenerationError naming the extra.
+    """torchao's affine quantisation primitives, or a QuantizeError naming the extra.
 
     torchao logs at import that it skips C++ extensions built for another torch (we use none of
     them) and torch warns about an enum it registers; both are silenced for that import."""
@@ -88,7 +90,7 @@ def torchao_primitives():
         from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine,
                                                            quantize_affine)
     except ImportError as e:
-        raise GenerationError("quantize", f"quantize = 'int8' needs torchao, which cannot be "
+        raise QuantizeError("quantize", f"quantize = 'int8' needs torchao, which cannot be "
                               f"imported ({e}): {QUANT_EXTRA}") from None
     finally:
         for log, level in zip(quiet, levels):
@@ -179,6 +181,8 @@ class Int8Experts(nn.Module):
     The same calls as ``GroupedExperts`` (``forward``, ``forward_dispatched``, ``naive_expert``),
     each expert's rows in one int8 product per projection; ``expert_forward`` runs one expert,
     which is what batch-1 decoding calls for each chosen expert."""
+
+    weight_format = "int8"       # what ``moelab.model.moe.engines.choose_engine`` reads
 
     def __init__(self, experts: "GroupedExperts", dtype: torch.dtype):
         super().__init__()
@@ -291,7 +295,7 @@ def prepare(model: "Transformer", dtype: Union[None, str, torch.dtype] = None,
     if target is None:
         target = torch.bfloat16 if quantize == "int8" and current is None else compute_dtype(model)
     if current == "int8" and target != compute_dtype(model):
-        raise GenerationError("dtype", f"dtype = {str(target).removeprefix('torch.')!r} cannot be "
+        raise QuantizeError("dtype", f"dtype = {str(target).removeprefix('torch.')!r} cannot be "
                               f"applied to an int8 model quantised for "
                               f"{str(compute_dtype(model)).removeprefix('torch.')}; reload it")
     cast_parameters_(model, target)
@@ -303,100 +307,3 @@ def prepare(model: "Transformer", dtype: Union[None, str, torch.dtype] = None,
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the parameters and persistent buffers (what a checkpoint of the model holds)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a run folder straight into a dtype
-# ---------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no init) and
-    their buffers as usual, so RoPE tables and router buffers are computed as in training."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def build(config: "ModelConfig", dtype: Union[str, torch.dtype] = torch.float32,
-          device: Union[str, torch.device] = "cpu") -> "Transformer":
-    """A randomly initialised model (``Transformer.reset_parameters``) whose parameters are
-    created in ``dtype`` on ``device`` directly, never as a float32 copy first: a 1B-parameter
-    bf16 model takes 2 GB while it is built, not 4 (benchmarks build models this way). As in
-    :func:`cast_parameters_`, routers and buffers stay float32."""
-    from moelab.model.moe.router import Router
-    from moelab.model.transformer import Transformer
-    target = resolve_dtype(dtype)
-    with _parameters_on_meta():
-        model = Transformer(config)
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
-                kind = target if p.is_floating_point() else p.dtype
-                kind = torch.float32 if isinstance(module, Router) else kind     # as cast_parameters_
-                module._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=kind, device=device),
-                                                        requires_grad=p.requires_grad)
-    model.to(device).reset_parameters()
-    return model.eval()
-
-
-def from_state(config: "ModelConfig", state: dict[str, torch.Tensor]) -> "Transformer":
-    """The model of ``config`` whose parameters *are* the tensors of ``state`` (no copy, dtype
-    kept); buffers get the state's values in their own dtype. A state that does not fit the
-    config raises ValueError naming missing, unexpected and mis-shaped tensors."""
-    from moelab.model.transformer import Transformer
-    with _parameters_on_meta():
-        model = Transformer(config)
-    expected = model.state_dict(keep_vars=True)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"wrong shape {wrong[:5]}")
-    state = dict(state)
-    for k, v in expected.items():                      # buffers keep their own dtype (float32)
-        if not isinstance(v, nn.Parameter):
-            state[k] = state[k].to(device=v.device, dtype=v.dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def load(run_dir: Union[str, Path], device: str = "cpu", dtype: Union[None, str, torch.dtype] = None,
-         quantize: Optional[str] = None) -> "Transformer":
-    """The model of a run folder in eval mode, its weights read straight into ``dtype``.
-
-    Unlike ``moelab.load`` (which builds a float32 model and copies the file into it), a bf16
-    checkpoint stays bf16 all the way: the file's tensors become the parameters, so memory peaks
-    at one copy of the weights in the file's dtype. ``dtype`` None keeps the file's dtype (its
-    embedding's); ``quantize`` as in :func:`prepare`."""
-    from moelab.train.checkpoint import WEIGHTS_FILE, CheckpointError, load_tensors, read_config
-    target = resolve_dtype(dtype)
-    quantize = resolve_quantize(quantize)
-    run_dir = Path(run_dir)
-    cfg = read_config(run_dir)
-    state = load_tensors(run_dir / WEIGHTS_FILE)
-    file_dtype = state["embed.weight"].dtype if "embed.weight" in state else torch.float32
-    try:
-        model = from_state(cfg.model, state)
-    except ValueError as e:
-        raise CheckpointError(f"{run_dir / WEIGHTS_FILE} {e}") from None
-    del state
-    if target is None:
-        target = file_dtype if file_dtype in DTYPES.values() else torch.float32
-        if quantize == "int8" and target == torch.float32:
-            target = torch.bfloat16
-    cast_parameters_(model, target)
-    model = model.to(device).eval()
-    if quantize is not None:
-        prepare(model, target, quantize)
-    return model

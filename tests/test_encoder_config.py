@@ -73,7 +73,7 @@ def test_next_token_training_of_an_encoder_is_refused_but_building_it_is_not():
 def test_hf_export_refuses_an_encoder(family, preset, tmp_path):
     """Every family we export is a causal decoder: an encoder must not silently become one."""
     from moelab.interop import InteropError, export_hf
-    from moelab.train.checkpoint import save_run
+    from moelab.runfolder import save as save_run
     cfg = moelab.resolve_config(preset, ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2",
                                          "model.n_heads=4", "model.ffn_hidden=48",
                                          "model.moe.expert_hidden=24", "model.max_seq_len=32",

@@ -94,7 +94,7 @@ def test_compiled_decode_matches_eager_or_degrades():
 def test_all_experts_path_equals_the_dispatcher():
     """What a compiled batch decode step runs (every expert on every row, zero weight where not
     chosen) equals the grouped engine's dispatch."""
-    from moelab.generate import _all_experts
+    from moelab.model.moe.engines import all_experts as _all_experts
     from moelab.model.moe.dispatch import plan_dispatch
     moe = small_model("mixtral").blocks[0].ffn
     x = torch.randn(8, 64)
@@ -182,7 +182,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer):
-    from moelab.train.checkpoint import save_run
+    from moelab.runfolder import save as save_run
     torch.manual_seed(0)
     cfg = moelab.resolve_config("mixtral", SMALL)
     model = moelab.Transformer(cfg.model)

@@ -26,9 +26,10 @@ import torch
 
 import moelab
 from moelab.cli import main
-from moelab.generate import GenerationError, generate
-from moelab.quantize import (Int8Experts, Int8Linear, build, load, prepare, quantize_rows,
-                             weight_bytes)
+from moelab.generate import generate
+from moelab.model.weights import build_on_meta, materialize
+from moelab.quantize import Int8Experts, Int8Linear, QuantizeError, prepare, quantize_rows, weight_bytes
+from moelab.runfolder import load
 
 torchao = pytest.importorskip("torchao", reason="int8 needs the quant extra (torchao)")
 
@@ -172,8 +173,8 @@ def test_int8_product_handles_every_width():
 
 
 def test_build_and_load_straight_into_bf16(tmp_path, trained, corpus):
-    from moelab.train.checkpoint import save_run
-    model = build(trained.config, torch.bfloat16)
+    from moelab.runfolder import save as save_run
+    model = materialize(build_on_meta(trained.config), dtype=torch.bfloat16)
     assert {p.dtype for n, p in model.named_parameters() if "router" not in n} == {torch.bfloat16}
     assert model.rope_cos.dtype == torch.float32 and model.blocks[0].ffn.router.gate.dtype == torch.float32
     # a bf16 run folder loads as bf16 by default, the values unchanged
@@ -193,23 +194,23 @@ def test_generate_api_takes_dtype_and_quantize(trained):
     out = model.generate([[5, 6, 7]], max_new_tokens=3, temperature=0, dtype="bfloat16", quantize="int8")
     assert len(out.tokens[0]) == 3 and isinstance(model.blocks[0].ffn.experts, Int8Experts)
     assert model.embed.weight.dtype == torch.bfloat16
-    with pytest.raises(GenerationError, match="dtype = 'float16' is invalid: must be one of float32, bfloat16"):
+    with pytest.raises(QuantizeError, match="dtype = 'float16' is invalid: must be one of float32, bfloat16"):
         generate(model, [[1]], max_new_tokens=1, dtype="float16")
-    with pytest.raises(GenerationError, match="quantize = 'int4' is invalid"):
+    with pytest.raises(QuantizeError, match="quantize = 'int4' is invalid"):
         generate(trained, [[1]], max_new_tokens=1, quantize="int4")
-    with pytest.raises(GenerationError, match="cannot be applied to an int8 model"):
+    with pytest.raises(QuantizeError, match="cannot be applied to an int8 model"):
         generate(model, [[1]], max_new_tokens=1, dtype="float32")
 
 
 def test_missing_torchao_names_the_extra(monkeypatch, trained):
     monkeypatch.setitem(sys.modules, "torchao.quantization.quant_primitives", None)
-    with pytest.raises(GenerationError, match=r"moelab\[quant\]"):
+    with pytest.raises(QuantizeError, match=r"moelab\[quant\]"):
         prepare(copy.deepcopy(trained), quantize="int8")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, trained, corpus):
-    from moelab.train.checkpoint import save_run
+    from moelab.runfolder import save as save_run
     cfg = moelab.resolve_config("mixtral", TINY)
     return str(save_run(tmp_path_factory.mktemp("run"), trained, cfg, corpus[1].to_str()))
 

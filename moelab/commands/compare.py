@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from moelab.commands import raise_user
+from moelab.commands import add_output_args, message_sink, raise_user
 
 
 def add_parser(sub) -> None:
@@ -43,11 +43,18 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (units, sizes, matching) and stop before training")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
+    add_output_args(p)
     p.set_defaults(func=run)
 
 
+_sink = None          # --quiet / --log-file (message_sink), set by run()
+
+
 def _log(message: str) -> None:
-    print(message, flush=True)
+    if _sink is not None:
+        _sink(message)
+    else:
+        print(message, flush=True)
 
 
 def _command() -> str:
@@ -125,12 +132,16 @@ def _plan_options_given(args) -> list[str]:
 
 
 def run(args) -> int:
+    global _sink
+    _sink = message_sink(args)
     from moelab.compare.plan import load_plan
     from moelab.compare.report import print_answer, print_tables
     from moelab.compare.run import CompareStopped
     from moelab.compare.study_run import is_study_folder, load_study_plans, run_plan, run_variants, write_study
     from moelab.lock import FolderLock, FolderLockedError
-    from moelab.train.stop import EXIT_STOPPED
+    from moelab.progress import Progress
+    from moelab.stop import EXIT_STOPPED
+    from moelab.train.trackers import check_available, group_env
 
     if args.resume:
         given = _plan_options_given(args)
@@ -138,11 +149,16 @@ def run(args) -> int:
             raise_user(f"--resume continues the plan stored in {args.resume}; drop {', '.join(given)}")
         out_dir = Path(args.resume)
         plans = load_study_plans(out_dir)[1] if is_study_folder(out_dir) else {"": load_plan(out_dir)}
-    elif args.study:
-        plans, out_dir = _new_study(args)
     else:
-        plan, out_dir = _new_plan(args)
-        plans = {"": plan}
+        if args.study:
+            plans, out_dir = _new_study(args)
+        else:
+            plan, out_dir = _new_plan(args)
+            plans = {"": plan}
+        tracker_sets = [o for o in args.overrides if o.split("=")[0].strip() == "train.trackers"]
+        if tracker_sets:                   # a missing wandb/mlflow: say so now, not after unit 1's data
+            from moelab.config import Config
+            check_available(Config().with_overrides(tracker_sets).train.trackers)
     for name, plan in plans.items():
         folder = out_dir / name if name else out_dir
         _log(f"compare{f' [{name}]' if name else ''}: {', '.join(m['name'] for m in plan['models'])}; seeds "
@@ -160,15 +176,21 @@ def run(args) -> int:
         lock = FolderLock(out_dir, "compare").acquire()     # one compare writes a folder at a time
     except FolderLockedError as e:
         raise_user(str(e))
-    progress = False if args.no_progress else None
     try:
         if not args.resume:
             first = next(iter(plans.values()))
             write_study(plans, first.get("study"), out_dir, first["command"], _load_average())
-        if "" in plans:
-            rows, payload, verdicts = run_plan(plans[""], out_dir, show_progress=progress, log=_log)
-        else:
-            payload = run_variants(plans, out_dir, show_progress=progress, log=_log)
+        # every unit is one run of one wandb group / MLflow experiment named after the compare
+        os.environ.update(group_env(f"moelab-{out_dir.resolve().name}"))
+        unit_output = (("--quiet",) if args.quiet else ()) + (("--log-file", args.log_file) if args.log_file else ())
+        show_progress = False if args.no_progress or args.quiet else None
+        with Progress("compare", enabled=not args.quiet, log=_log) as progress:
+            if "" in plans:
+                rows, payload, verdicts = run_plan(plans[""], out_dir, show_progress=show_progress, log=_log,
+                                                   progress=progress, extra_args=unit_output)
+            else:
+                payload = run_variants(plans, out_dir, show_progress=show_progress, log=_log,
+                                       progress=progress, extra_args=unit_output)
     except CompareStopped as e:
         print(str(e), file=sys.stderr)
         return EXIT_STOPPED

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 from moelab.commands import raise_user
 
@@ -25,18 +24,19 @@ def run(args) -> int:
     import torch
 
     from moelab.data import DataError, eval_batches, prepare_data
-    from moelab.train.checkpoint import TOKENIZER_FILE, CheckpointError, load_model, read_config
-    from moelab.train.trainer import evaluate, evaluate_scores, pick_device
+    from moelab.parallel.layout import pick_device
+    from moelab.runfolder import TOKENIZER_FILE, CheckpointError, load, read_config, resolve
+    from moelab.train.evaluate import evaluate, evaluate_scores
 
     if args.batches is not None and args.batches < 1:
         raise_user(f"--batches = {args.batches} is invalid: must be >= 1")
     try:
         cfg = read_config(args.run)
-        model = load_model(args.run)
+        model = load(args.run, dtype=torch.float32)
     except CheckpointError as e:
         raise_user(str(e))
     data_cfg = cfg.data
-    tok = Path(args.run) / TOKENIZER_FILE
+    tok = resolve(args.run) / TOKENIZER_FILE
     if tok.is_file():   # score with the run's own tokenizer, whatever the config said
         data_cfg = dataclasses.replace(data_cfg, tokenizer=str(tok))
     t = cfg.train

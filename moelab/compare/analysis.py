@@ -12,6 +12,7 @@ from typing import Optional
 
 from moelab.compare import stats
 from moelab.compare.measure import load_measurement
+from moelab.runfolder import CONFIG_FILE, SUMMARY_FILE, load_metrics
 
 SPIKE_WINDOW = 20        # a spike is judged against the mean of the previous 20 steps' losses
 SPIKE_RATIO = 1.25       # ... and must exceed it by more than 25%: batch-to-batch noise at the
@@ -106,13 +107,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def communication(trains: list[dict]) -> dict:
     """Per training step of a distributed run (metrics' ``comm``, one value per rank): bytes the
     busiest rank sent in all-to-all and in FSDP collectives, and the share of the step the slowest
@@ -130,9 +124,9 @@ def communication(trains: list[dict]) -> dict:
 def read_unit(unit: dict, out_dir: Path) -> UnitResult:
     from moelab.compare.plan import unit_dir
     run_dir = unit_dir(out_dir, unit)
-    summary = _read_json(run_dir / "summary.json")
-    config = _read_json(run_dir / "config.json")
-    metrics = _metrics(run_dir)
+    summary = _read_json(run_dir / SUMMARY_FILE)
+    config = _read_json(run_dir / CONFIG_FILE)
+    metrics = load_metrics(run_dir)
     trains = [r for r in metrics if r["kind"] == "train"]
     evals = [r for r in metrics if r["kind"] == "eval"]
     tail = trains[int(len(trains) * (1 - TAIL_FRACTION)):] or trains

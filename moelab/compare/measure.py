@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from moelab.compare.plan import unit_dir, write_json
+from moelab.progress import no_progress
 
 PROMPTS = 8
 PROMPT_TOKENS = 64
@@ -55,7 +56,7 @@ def load_measurement(out_dir: Path, unit: dict) -> dict:
 
 def _load(run_dir: Path):
     from moelab import load
-    from moelab.train.checkpoint import read_config
+    from moelab.runfolder import read_config
     return load(run_dir), read_config(run_dir)
 
 
@@ -193,13 +194,13 @@ INSPECT_TOKENS = 16384
 DOMAIN_INSPECT_TOKENS = 131072
 
 
-def _inspect(run_dir: Path, categories: str) -> dict:
+def _inspect(run_dir: Path, categories: str, progress=no_progress) -> dict:
     """inspect's summary of one run; with named categories (``folder`` for the two-domain corpus)
     also each layer's category test and per-category expert shares."""
     from moelab.inspect import InspectOptions, inspect_run, summarize
     tokens = INSPECT_TOKENS if categories == "auto" else DOMAIN_INSPECT_TOKENS
     result = inspect_run(run_dir, InspectOptions(tokens=tokens, ablate="none", device="cpu",
-                                                 categories=categories))
+                                                 categories=categories), progress=progress)
     out = summarize(result)
     if categories != "auto":
         out["categories"] = result["categories"]
@@ -216,7 +217,7 @@ def _inspect(run_dir: Path, categories: str) -> dict:
 
 
 def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] = print,
-                  categories: str = "auto") -> None:
+                  categories: str = "auto", progress=no_progress) -> None:
     """``moelab inspect``'s summary (load, dead experts, strongest specialisation) of each sparse
     model's first-seed run: one pass over INSPECT_TOKENS held-out tokens, no ablation."""
     from moelab.inspect import InspectError
@@ -227,8 +228,9 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
         rec = load_measurement(out_dir, unit)
         if "inspect" in rec:
             continue
+        progress(f"inspecting {unit['id']}: reading its held-out tokens", None)   # until routing starts
         try:
-            rec["inspect"] = _inspect(unit_dir(out_dir, unit), categories)
+            rec["inspect"] = _inspect(unit_dir(out_dir, unit), categories, progress)
         except InspectError:                       # a dense model: nothing routed
             rec["inspect"] = None
         else:
@@ -237,20 +239,23 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
 
 
 def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
-                  log: Callable[[str], None] = print, categories: str = "auto") -> None:
+                  log: Callable[[str], None] = print, categories: str = "auto",
+                  progress=no_progress) -> None:
     """Fill ``DIR/measurements/<unit>.json`` for every unit (validation losses per batch) and, for
     ``inference_units``, the inference numbers; units measured before are not measured again."""
     val_tokens = ValTokens()
     todo = [u for u in units if "val_batch_losses" not in load_measurement(out_dir, u)]
     if todo:
         log(f"scoring {len(todo)} trained model(s) batch by batch on the validation set")
+    advance = progress("scoring trained models", len(todo))     # moelab.progress: bars / lines
     for unit in todo:
         model, cfg = _load(unit_dir(out_dir, unit))
         losses = validation_batch_losses(model, cfg, val_tokens)
         rec = load_measurement(out_dir, unit)
         rec["val_batch_losses"] = losses
         write_json(_path(out_dir, unit), rec)
-    inspect_units(out_dir, inference_units, log, categories)
+        advance(1)
+    inspect_units(out_dir, inference_units, log, categories, progress)
     pending = [u for u in inference_units if "inference" not in load_measurement(out_dir, u)]
     by_seed: dict = {}
     for u in pending:
@@ -258,6 +263,7 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
     if pending:
         log(f"measuring inference of {len(pending)} trained model(s): prefill, decode at batch 1 and 8, "
             f"{ROUNDS} interleaved rounds")
+    advance = progress("timing inference", sum((ROUNDS + 1) * len(g) for g in by_seed.values()))
     for seed, group in by_seed.items():
         loaded = [(u, *_load(unit_dir(out_dir, u))) for u in group]
         prompts = [_prompts(m, c, val_tokens) for _, m, c in loaded]
@@ -267,6 +273,7 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
             order = order[r % len(order):] + order[:r % len(order)]
             for i in order:
                 row = _inference_once(loaded[i][1], prompts[i])
+                advance(1)
                 if r:
                     rows[i].append(row)
         for (unit, model, _), unit_rows, p in zip(loaded, rows, prompts):

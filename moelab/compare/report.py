@@ -17,6 +17,7 @@ from moelab.compare.analysis import SPIKE_RATIO, SPIKE_WINDOW, ModelSummary, com
 from moelab.compare.findings import all_findings, budget_words, scaling_section
 from moelab.compare.claim import default_study, measures_table, study_answer
 from moelab.compare.plan import unit_dir, write_json
+from moelab.runfolder import RUN_META_FILE
 
 
 def _fmt(value, pattern: str) -> str:
@@ -98,7 +99,7 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
     scaling = scaling_section(study, plan["budget_tokens"]) if plan["scaling"] else None
     lines = all_findings(study, comps, plan["matching"], plan["match"], scaling)
     rows = study.at()
-    meta = json.loads((unit_dir(out_dir, plan["units"][0]) / "run_meta.json").read_text(encoding="utf-8"))
+    meta = json.loads((unit_dir(out_dir, plan["units"][0]) / RUN_META_FILE).read_text(encoding="utf-8"))
     spec = plan.get("study") or default_study(plan, study)
     answer = study_answer(spec, study, budget_words(study.headline))
 

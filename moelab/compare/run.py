@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-SUMMARY_FILE = "summary.json"
+from moelab.runfolder import SUMMARY_FILE, checkpoint_dirs
 
 
 class UnitState(str, Enum):
@@ -26,7 +26,6 @@ class UnitState(str, Enum):
 
 
 def unit_state(run_dir: str | Path) -> UnitState:
-    from moelab.train.state import checkpoint_dirs
     run_dir = Path(run_dir)
     if (run_dir / SUMMARY_FILE).is_file():
         return UnitState.FINISHED
@@ -36,9 +35,9 @@ def unit_state(run_dir: str | Path) -> UnitState:
 
 
 def train_command(unit: dict, run_dir: Path, state: UnitState, show_progress: bool | None,
-                  nproc: int = 1) -> list[str]:
+                  nproc: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
     """The ``moelab train`` argument list for a unit that still needs training (``run_dir``: its
-    resolved folder)."""
+    resolved folder; ``extra``: output options such as --quiet, --log-file F, --quiet-data)."""
     if state is UnitState.RESUMABLE:
         args = ["train", "--resume", str(run_dir)]
     else:
@@ -47,7 +46,7 @@ def train_command(unit: dict, run_dir: Path, state: UnitState, show_progress: bo
         args += ["--nproc", str(nproc)]
     if show_progress is False:
         args.append("--no-progress")
-    return args
+    return args + list(extra)
 
 
 class CompareStopped(Exception):
@@ -55,11 +54,13 @@ class CompareStopped(Exception):
 
 
 def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
-              log: Callable[[str], None] = print) -> None:
+              log: Callable[[str], None] = print, extra_args: tuple[str, ...] = ()) -> None:
     """Train every unit that is not finished; a failure stops the compare with a message that
-    says how to continue."""
+    says how to continue. Every unit prepares the same data: only the first one trained here
+    prints that preamble."""
     from moelab.compare.plan import unit_dir
     units = plan["units"]
+    trained = 0
     for i, unit in enumerate(units, 1):
         run_dir = unit_dir(out_dir, unit)
         state = unit_state(run_dir)
@@ -69,7 +70,10 @@ def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
             continue
         log(f"{tag}: {'resuming from its last checkpoint' if state is UnitState.RESUMABLE else 'training'}"
             f" ({unit['model']}, seed {unit['seed']}, budget {unit['budget']})")
-        code, stopped = _train(train_command(unit, run_dir, state, show_progress, plan.get("nproc", 1)))
+        extra = tuple(extra_args) + (("--quiet-data",) if trained else ())
+        code, stopped = _train(train_command(unit, run_dir, state, show_progress, plan.get("nproc", 1),
+                                             extra))
+        trained += 1
         if stopped:
             raise CompareStopped(f"compare stopped during {unit['id']} (its last checkpoint is kept); "
                                  f"continue with: moelab compare --resume {out_dir}")
@@ -84,7 +88,7 @@ def _train(args: list[str]) -> tuple[int, bool]:
     The training process runs in its own session, so a Ctrl-C reaches compare alone, which passes
     one SIGTERM on: the trainer finishes its step, checkpoints and exits (status 75). A second
     signal kills it at once; its previous checkpoint stays intact."""
-    from moelab.train.stop import EXIT_STOPPED
+    from moelab.stop import EXIT_STOPPED
     proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], start_new_session=True)
     if threading.current_thread() is not threading.main_thread():
         return proc.wait(), False

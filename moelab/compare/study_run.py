@@ -128,22 +128,28 @@ def prepare_domains(plans: dict, out_dir: Path, log: Callable[[str], None]) -> N
         log(f"one BPE for every variant, trained on the mix: {tok_path}")
 
 
-def run_plan(plan: dict, folder: Path, *, show_progress, log):
-    """Train, measure and report one compare folder."""
+def run_plan(plan: dict, folder: Path, *, show_progress, log, progress=None, extra_args: tuple[str, ...] = ()):
+    """Train, measure and report one compare folder (``progress``: a ``moelab.progress.Progress``
+    for the measuring and report phases; ``extra_args``: output options for every unit's train)."""
     from moelab.compare.measure import measure_units
     from moelab.compare.report import build_report
     from moelab.compare.run import run_units
-    run_units(plan, folder, show_progress=show_progress, log=log)
+    from moelab.progress import Progress
+    run_units(plan, folder, show_progress=show_progress, log=log, extra_args=extra_args)
     headline = [u for u in plan["units"] if u["budget"] == headline_budget(plan)]
-    measure_units(folder, plan["units"], headline, log=log, categories=plan.get("inspect_categories", "auto"))
-    return build_report(plan, folder)
+    progress = progress or Progress("compare", enabled=False, log=log)
+    measure_units(folder, plan["units"], headline, log=log, categories=plan.get("inspect_categories", "auto"),
+                  progress=progress.stage)
+    with progress.phase("writing the report and plots"):
+        return build_report(plan, folder)
 
 
-def run_variants(plans: dict, out_dir: Path, *, show_progress, log) -> dict:
+def run_variants(plans: dict, out_dir: Path, *, show_progress, log, progress=None,
+                 extra_args: tuple[str, ...] = ()) -> dict:
     prepare_domains(plans, out_dir, log)
     for name, plan in plans.items():
         log(f"variant {name}: {len(plan['units'])} training runs")
-        run_plan(plan, out_dir / name, show_progress=show_progress, log=log)
+        run_plan(plan, out_dir / name, show_progress=show_progress, log=log, progress=progress,
+                 extra_args=extra_args)
     from moelab.compare.study_report import build_study_report
     return build_study_report(plans, out_dir)
-

@@ -61,8 +61,10 @@ def _no_progress(stage: str, total: int) -> Callable[[int], None]:
 
 def open_run(run_dir: str | Path, opts: InspectOptions):
     """(config, model) of a run folder with MoE layers, on the chosen device."""
-    from moelab.train.checkpoint import CheckpointError, load_model, read_config
-    from moelab.train.trainer import pick_device
+    import torch
+
+    from moelab.parallel.layout import pick_device
+    from moelab.runfolder import CheckpointError, load, read_config
     try:
         cfg = read_config(run_dir)
         if opts.overrides:
@@ -75,7 +77,7 @@ def open_run(run_dir: str | Path, opts: InspectOptions):
                            "routing, so it needs a run with at least one MoE layer")
     try:
         device = pick_device(opts.device or cfg.train.device)
-        model = load_model(run_dir, device=str(device))
+        model = load(run_dir, device=device, dtype=torch.float32)
     except CheckpointError as e:
         raise InspectError(f"RUN: {e}") from None
     except (ConfigError, RuntimeError) as e:

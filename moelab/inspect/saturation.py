@@ -12,23 +12,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from moelab.inspect.errors import InspectError
 from moelab.model.transformer import Transformer
-from moelab.train.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_model)
+from moelab.runfolder import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_run, load
 
 
 def load_against(path: str | Path, model: Transformer) -> Transformer:
     """The model of a run folder or of one of its ``ckpt-XXXXXXXX`` folders (weights only; the
     config is the parent run's), checked to route like ``model``: same MoE layers, experts, k."""
     path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and checkpoint_run(path) is None:
+        raise InspectError(f"--against {str(path)!r} is neither a run folder (config.json) nor "
+                           f"a checkpoint folder of one (ckpt-XXXXXXXX with {WEIGHTS_FILE})")
     try:
-        if (path / CONFIG_FILE).is_file():
-            other = load_model(path)
-        elif (path / WEIGHTS_FILE).is_file() and (path.parent / CONFIG_FILE).is_file():
-            other = load_model(path.parent, weights=path / WEIGHTS_FILE)
-        else:
-            raise InspectError(f"--against {str(path)!r} is neither a run folder (config.json) nor "
-                               f"a checkpoint folder of one (ckpt-XXXXXXXX with {WEIGHTS_FILE})")
+        other = load(path, dtype=torch.float32)
     except CheckpointError as e:
         raise InspectError(f"--against {str(path)!r}: {e}") from None
     a, b = model.config, other.config

@@ -1,23 +1,20 @@
-"""Hugging Face folders and live transformers models <-> moelab runs and models.
+"""Hugging Face configs, checkpoints and live transformers models <-> moelab configs and models.
 
-Folders: ``import_hf(hf_dir, out_run)`` and ``export_hf(run_dir, out_dir, family)``. Checkpoints are
-read through safetensors, memory-mapped (``safe_open``), shard by shard when there is a
-``model.safetensors.index.json``; pickle files are never opened. Outputs are written into a temp
-folder beside the destination and renamed at the end, so a failure leaves nothing behind.
+HF folders are read through safetensors, memory-mapped (``safe_open``), shard by shard when there
+is a ``model.safetensors.index.json``; pickle files are never opened, and every file read resolves
+inside the folder (``moelab.interop.containment``). ``hf_folder_state`` converts a folder in memory
+(``moelab.load`` uses it); ``moelab.interop.folders`` writes run folders and HF folders.
 
 Live models (need ``transformers``): ``to_transformers(model, family)`` and
 ``from_transformers(hf_model)``, in memory, for side-by-side runs and benchmarks.
 
 What the key maps and config mappings do per family lives in ``moelab.interop.families``; this
-module only moves files and tensors.
+module only moves tensors.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -26,9 +23,11 @@ from typing import Optional, Union
 import torch
 
 from moelab.config import Config, ConfigError, ModelConfig, from_dict
+from moelab.fileio import JSONFileError, read_json_object
 from moelab.interop.errors import InteropError
 from moelab.interop.families import FAMILIES
 from moelab.interop.families.common import HFConfig
+from moelab.interop.containment import check_name, inside
 from moelab.interop.keymap import hf_to_ours, ours_to_hf
 
 PathLike = Union[str, Path]
@@ -36,8 +35,6 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # transformers' long-standing default, "5GB"
-TOKENIZER = "tokenizer.json"
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,10 +91,8 @@ def config_to_hf(m: ModelConfig, family_name: str, notes: Optional[list[str]] = 
 
 def expected_state(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Our state-dict keys and shapes for ``cfg``, from a model built on the meta device (no memory)."""
-    from moelab.model.transformer import Transformer
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {k: v.shape for k, v in model.state_dict().items()}
+    from moelab.model.weights import build_on_meta, expected_shapes
+    return expected_shapes(build_on_meta(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,13 +106,10 @@ class Checkpoint:
     def __init__(self, folder: Path):
         from safetensors import safe_open
         index = folder / HF_INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InteropError(f"{index} is damaged: {e}") from None
+        if inside(folder, HF_INDEX).is_file():
+            weight_map = read_index(folder)
             files = sorted(set(weight_map.values()))
-        elif (folder / HF_WEIGHTS).is_file():
+        elif inside(folder, HF_WEIGHTS).is_file():
             files, weight_map = [HF_WEIGHTS], None
         else:
             pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
@@ -126,14 +118,14 @@ class Checkpoint:
             raise InteropError(f"{folder} has no {HF_WEIGHTS} or {HF_INDEX}{extra}")
         self.handles, self.where = {}, {}
         for name in files:
-            path = folder / name
+            path = inside(folder, name, f"{index}: shard")
             if not path.is_file():
                 raise InteropError(f"{index} names shard {name!r}, which is missing")
             try:
                 handle = safe_open(str(path), framework="pt")
                 keys = list(handle.keys())
             except Exception as e:  # SafetensorError, OSError: truncated, empty or not safetensors
-                raise InteropError(f"{path} is damaged, truncated or not a safetensors file: {e}") from None
+                raise InteropError(f"{folder / name} is damaged, truncated or not a safetensors file: {e}") from None
             self.handles[name] = handle
             for k in keys:
                 self.where[k] = name
@@ -152,20 +144,41 @@ class Checkpoint:
             raise InteropError(f"{self.where[key]}: tensor {key!r} cannot be read (truncated file?): {e}") from None
 
 
+def read_index(folder: Path) -> dict[str, str]:
+    """``weight_map`` of ``model.safetensors.index.json``: tensor name -> shard file name, every
+    shard name a relative path inside ``folder``."""
+    index = folder / HF_INDEX
+    try:
+        data = json.loads(inside(folder, HF_INDEX).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InteropError(f"{index} is damaged: {e}") from None
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise InteropError(f"{index} is damaged: expected a JSON object with a 'weight_map'")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise InteropError(f"{index}: weight_map = {_short(weight_map)} is invalid: must be an object "
+                           "mapping tensor names to shard file names")
+    for key, name in weight_map.items():
+        check_name(name, f"{index}: weight_map[{key!r}]")
+    return weight_map
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_hf_config(folder: PathLike) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise InteropError(f"{str(folder)!r} is not a folder")
-    path = folder / HF_CONFIG
+    path = inside(folder, HF_CONFIG)
     if not path.is_file():
         raise InteropError(f"{str(folder)!r} is not a Hugging Face model folder (no {HF_CONFIG})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InteropError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InteropError(f"{path} does not hold a JSON object")
-    return data
+        return read_json_object(path)
+    except JSONFileError as e:
+        raise InteropError(str(e)) from None
 
 
 def _mtp_keys(keys: set[str], n_layers: int) -> set[str]:
@@ -179,54 +192,20 @@ def _mtp_keys(keys: set[str], n_layers: int) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# writing folders atomically
+# an HF folder, in memory
 # ---------------------------------------------------------------------------------------------
 
-class _Staging:
-    """A temp folder beside ``dest`` that becomes ``dest`` on success and vanishes on failure."""
-
-    def __init__(self, dest: PathLike):
-        self.dest = Path(dest)
-
-    def __enter__(self) -> Path:
-        if self.dest.exists() and (not self.dest.is_dir() or any(self.dest.iterdir())):
-            raise InteropError(f"{str(self.dest)!r} already exists and is not empty; choose a new --out")
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.dest.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.dest.is_dir():          # an empty folder: replace it
-            self.dest.rmdir()
-        os.replace(self.tmp, self.dest)
+def hf_folder_config(hf_dir: PathLike) -> Imported:
+    """The translated config of an HF model folder (nothing else read)."""
+    return config_from_hf(read_hf_config(Path(hf_dir)))
 
 
-def _copy_tokenizer(src: Path, dst: Path, extras: bool) -> bool:
-    if not (src / TOKENIZER).is_file():
-        return False
-    shutil.copyfile(src / TOKENIZER, dst / TOKENIZER)
-    if extras:
-        for name in TOKENIZER_EXTRAS:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, dst / name)
-    return True
-
-
-# ---------------------------------------------------------------------------------------------
-# folders
-# ---------------------------------------------------------------------------------------------
-
-def import_hf(hf_dir: PathLike, out_run: PathLike) -> list[str]:
-    """Convert an HF model folder into a moelab run folder. Returns notes for the user.
-
-    Tensors keep their stored dtype (bf16 stays bf16 on disk; ``moelab.load`` casts to the model's
-    dtype), so an import followed by an export reproduces every tensor bit for bit."""
-    from moelab.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_tensors, write_json
+def hf_folder_state(hf_dir: PathLike) -> tuple[Config, dict[str, torch.Tensor], list[str]]:
+    """(our Config, our state dict, notes for the user) of an HF model folder, in memory. Tensors
+    keep their stored dtype and stay memory-mapped where no transform copies them; every file is
+    read from inside ``hf_dir``."""
     hf_dir = Path(hf_dir)
-    imported = config_from_hf(read_hf_config(hf_dir))
+    imported = hf_folder_config(hf_dir)
     cfg, fam = imported.config, imported.family
     ckpt = Checkpoint(hf_dir)
     available = ckpt.keys()
@@ -237,102 +216,7 @@ def import_hf(hf_dir: PathLike, out_run: PathLike) -> list[str]:
         available -= mtp
     state = hf_to_ours(fam.KEYMAP, cfg.model, expected_state(cfg.model), available, ckpt.get,
                        rope_interleave=imported.rope_interleave)
-    with _Staging(out_run) as tmp:
-        write_json(tmp / CONFIG_FILE, cfg.to_dict())
-        save_tensors(tmp / WEIGHTS_FILE, state, {"format": "pt", "moelab": "1", "source": f"hf:{fam.MODEL_TYPE}"})
-        if not _copy_tokenizer(hf_dir, tmp, extras=False):
-            notes.append(f"{hf_dir} has no {TOKENIZER}; the run has no tokenizer")
-    return notes
-
-
-def export_hf(run_dir: PathLike, out_dir: PathLike, family_name: str,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Write a moelab run as an HF folder of ``family_name`` (config.json, the weights, and
-    tokenizer.json when the run has one). Weights over ``max_shard_bytes`` are split into
-    ``model-0000i-of-0000n.safetensors`` shards with a ``model.safetensors.index.json``, as
-    transformers writes them. Refuses models the family cannot express; returns notes on what
-    was dropped (training-only settings)."""
-    from moelab.train.checkpoint import (CheckpointError, WEIGHTS_FILE, load_tensors, read_config,
-                                         save_tensors, write_json)
-    run_dir = Path(run_dir)
-    fam = family(family_name)
-    try:
-        cfg = read_config(run_dir)
-        state = load_tensors(run_dir / WEIGHTS_FILE)
-    except CheckpointError as e:
-        raise InteropError(str(e)) from None
-    _check_state(state, expected_state(cfg.model), str(run_dir / WEIGHTS_FILE))
-    notes: list[str] = []
-    dtype = state["embed.weight"].dtype
-    hf_cfg = config_to_hf(cfg.model, family_name, notes, dtype)
-    tensors = ours_to_hf(fam.KEYMAP, cfg.model, state, rope_interleave=True)
-    with _Staging(out_dir) as tmp:
-        write_json(tmp / HF_CONFIG, hf_cfg)
-        shards = plan_shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_tensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
-        else:
-            weight_map = {}
-            for i, keys in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_tensors(tmp / name, {k: tensors[k] for k in keys}, {"format": "pt"})
-                weight_map.update(dict.fromkeys(keys, name))
-            total = sum(_nbytes(t) for t in tensors.values())
-            write_json(tmp / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if not _copy_tokenizer(run_dir, tmp, extras=True):
-            notes.append(f"{run_dir} has no {TOKENIZER}; the folder has no tokenizer")
-    return notes
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Tensor names per shard, in order, each shard at most ``max_bytes`` unless one tensor alone
-    is larger (it then gets a shard of its own, as transformers does)."""
-    if max_bytes < 1:
-        raise InteropError(f"max shard size = {max_bytes} bytes is invalid: must be > 0")
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        n = _nbytes(t)
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    return shards
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '40KB' (powers of 1000, as transformers reads them), 'GiB'/'MiB'/'KiB'
-    (powers of 1024) or plain bytes -> bytes."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    t = text.strip().upper()
-    for unit, scale in units.items():
-        if t.endswith(unit):
-            number = t[: -len(unit)].strip()
-            break
-    else:
-        number, scale = t, 1
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise InteropError(f"max shard size = {text!r} is invalid: use bytes or a size like 5GB, 500MB") from None
-    if value < 1:
-        raise InteropError(f"max shard size = {text!r} is invalid: must be > 0")
-    return int(value)
-
-
-def _check_state(state: dict, expected: dict, source: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k])}"
-             for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
-    if missing or unexpected or wrong:
-        raise InteropError(f"{source} does not match its config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    return cfg, state, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +251,7 @@ def from_transformers(hf_model, notes: Optional[list[str]] = None):
     """A moelab Transformer (eval mode) computing what the ``transformers`` model computes, in
     its dtype: the parameters are built straight from the converted tensors (a bf16 model is
     never upcast to float32 on the way)."""
-    from moelab.quantize import cast_parameters_, from_state
+    from moelab.model.weights import StateMismatch, build_on_meta, fill
     imported = config_from_hf(hf_model.config.to_dict())
     if notes is not None:
         notes.extend(imported.notes)
@@ -377,11 +261,10 @@ def from_transformers(hf_model, notes: Optional[list[str]] = None):
         hf_state.pop("lm_head.weight", None)
     state = hf_to_ours(imported.family.KEYMAP, cfg, expected_state(cfg), set(hf_state), hf_state.__getitem__,
                        layout="module", rope_interleave=imported.rope_interleave)
-    # copies, so the two models do not share storage (stacking experts copies; renames would not)
-    state = {k: v.clone() for k, v in state.items()}
-    try:
-        model = from_state(cfg, state)
-    except ValueError as e:
-        raise InteropError(f"transformers {type(hf_model).__name__} {e}") from None
     param = next(hf_model.parameters())
-    return cast_parameters_(model, param.dtype).to(param.device)
+    try:
+        # copies, so the two models do not share storage (stacking experts copies; renames would not)
+        return fill(build_on_meta(cfg), {k: v.shape for k, v in state.items()}, lambda k: state[k].clone(),
+                    f"transformers {type(hf_model).__name__}", dtype=param.dtype, device=param.device)
+    except StateMismatch as e:
+        raise InteropError(str(e)) from None

@@ -24,6 +24,7 @@ import torch
 
 from moelab.config import ModelConfig
 from moelab.interop.errors import InteropError
+from moelab.model.weights import describe_mismatch
 
 Layout = Literal["checkpoint", "module"]
 
@@ -227,15 +228,9 @@ def hf_to_ours(keymap: KeyMap, cfg: ModelConfig, expected: dict[str, torch.Size]
             continue
         out[our_key] = t
     unexpected = sorted(k for k in available - used if not any(re.fullmatch(p, k) for p in keymap.ignore))
-    if missing or wrong or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-        if wrong:
-            parts.append(f"mismatched shapes: {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
-        raise InteropError("the checkpoint does not match its config.json: " + "; ".join(parts))
+    problem = describe_mismatch(missing, unexpected, wrong, limit=6)
+    if problem:
+        raise InteropError("the checkpoint does not match its config.json: " + problem)
     return out
 
 

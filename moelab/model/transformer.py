@@ -23,7 +23,7 @@ from moelab.config import ConfigError, ModelConfig
 from moelab.model.attention import AttentionContext, build_attention
 from moelab.model.ffn import SwiGLU
 from moelab.model.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from moelab.model.moe import MoE, RouterStats
+from moelab.model.moe import MoE, MoEOutput, RouterStats
 from moelab.model.norm import RMSNorm
 from moelab.model.rope import rope_tables
 
@@ -72,20 +72,30 @@ class Block(nn.Module):
         n_experts = cfg.experts_in_layer(layer)
         self.is_moe = n_experts > 0
         if self.is_moe:
-            self.ffn = MoE(cfg.d_model, n_experts, config=cfg.moe)
+            self.ffn = MoE(cfg.d_model, n_experts, config=cfg.moe, layer=layer)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[RouterStats]]:
-        """(x, the MoE layer's aux loss, its router statistics); the last two are None in a dense
-        layer."""
+                ) -> tuple[torch.Tensor, Optional[MoEOutput]]:
+        """(x, the MoE layer's output with its aux loss and router statistics; None in a dense
+        layer)."""
         x = x + self.attn(self.attn_norm(x), ctx, cache)
         if not self.is_moe:
-            return x + self.ffn(self.ffn_norm(x)), None, None
+            return x + self.ffn(self.ffn_norm(x)), None
         moe = self.ffn(self.ffn_norm(x))
-        moe.stats.layer = self.layer
-        return x + moe.output, moe.aux_loss, moe.stats
+        return x + moe.output, moe
+
+    def step(self, x: torch.Tensor, ctx: AttentionContext, cache) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The block for inference (``Transformer.step``): (x, the MoE layer's expert ids (B*T, K);
+        None in a dense layer)."""
+        x = x + self.attn(self.attn_norm(x), ctx, cache)
+        h = self.ffn_norm(x)                                                  # (B, T, D)
+        if not self.is_moe:
+            return x + self.ffn(h), None
+        B, T, D = h.shape
+        y_ND, ids_NK = self.ffn.infer(h.view(B * T, D))
+        return x + y_ND.view(B, T, D), ids_NK
 
 
 def _checkpointed(block: Block, x: torch.Tensor, ctx: AttentionContext):
@@ -117,8 +127,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.attn_head_dim
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)   # (L, Dr)
         self.register_buffer("rope_sin", sin, persistent=False)
         # recompute each block's activations in the backward instead of keeping them
@@ -127,6 +136,25 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     # ---- parameters ---------------------------------------------------------------------------
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.attn_head_dim
+        return rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Compute the buffers no checkpoint holds (the RoPE tables, on the CPU as at construction,
+        then moved to ``device``), and give every buffer still on the meta device its initial
+        value, zeros (routers' balancing biases and load counts). For a model built on the meta
+        device (``moelab.model.weights``)."""
+        device = device if device is not None else self.embed.weight.device
+        with torch.device("cpu"):
+            cos, sin = self._rope_tables()
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for module in self.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.is_meta:
+                    module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, std) everywhere, residual output projections scaled by
         1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
@@ -200,12 +228,12 @@ class Transformer(nn.Module):
         stats: list[RouterStats] = []
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, block_aux, block_stats = _checkpointed(block, x, ctx)
+                x, moe = _checkpointed(block, x, ctx)
             else:
-                x, block_aux, block_stats = block(x, ctx, cache.layers[i] if cache is not None else None)
-            if block_stats is not None:
-                aux_loss = aux_loss + block_aux
-                stats.append(block_stats)
+                x, moe = block(x, ctx, cache.layers[i] if cache is not None else None)
+            if moe is not None:
+                aux_loss = aux_loss + moe.aux_loss
+                stats.append(moe.stats)
         if cache is not None:
             cache.pos += T
         if targets is not None:
@@ -231,13 +259,24 @@ class Transformer(nn.Module):
         """Normed hidden states (..., D) -> vocabulary logits (..., V), tied or not."""
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
-    # ---- generation (moelab.generate holds the loop) -------------------------------------------
-    def generate(self, prompts, options=None, **kwargs):
-        """Sample continuations; see :func:`moelab.generate.generate`."""
-        from moelab.generate import generate
-        return generate(self, prompts, options, **kwargs)
+    # ---- inference ------------------------------------------------------------------------------
+    def step(self, tokens_BT: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Feed T new tokens per row into ``cache``: the next-token logits of the last position
+        (B, V) and each MoE layer's expert ids (B*T, K). What generation calls for the prompt
+        (prefill) and for every new token (decode). Unlike ``forward`` it skips what only training
+        reads (aux losses, router statistics), projects only the last position to the
+        vocabulary, and routes dropless whatever the capacity settings (``MoE.infer``); it equals
+        ``forward`` on the whole sequence at every step (tests/test_generate.py).
 
-    def stream(self, prompts, options=None, **kwargs):
-        """Yield one :class:`moelab.generate.Step` per new token; see :func:`moelab.generate.stream`."""
-        from moelab.generate import stream
-        return stream(self, prompts, options, **kwargs)
+        ``generate`` / ``stream`` (the sampling loop over this step) are added to the class by
+        ``moelab.generate``, which sits above the model: ``model.generate(...)``."""
+        B, T = tokens_BT.shape
+        ctx = self._context(B, T, tokens_BT.device, cache)
+        x = self.embed(tokens_BT)                                             # (B, T, D)
+        expert_ids: list[torch.Tensor] = []
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x, ids_NK = block.step(x, ctx, layer_cache)
+            if ids_NK is not None:
+                expert_ids.append(ids_NK)
+        cache.pos += T
+        return self.lm_logits(self.norm(x[:, -1])), expert_ids                # (B, V)

@@ -27,8 +27,8 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
 
 
 def launch_torchrun(nproc: int, cfg: Config, run_dir: Path, argv: list[str]) -> int:
-    from moelab.train.state import checkpoint_dirs
-    from moelab.train.stop import EXIT_STOPPED
+    from moelab.runfolder import checkpoint_dirs
+    from moelab.stop import EXIT_STOPPED
 
     if nproc < 1:
         raise ConfigError(f"--nproc = {nproc} is invalid: must be >= 1")

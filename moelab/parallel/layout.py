@@ -123,3 +123,8 @@ def device_for(layout: Layout, requested: str) -> torch.device:
             return torch.device("cuda", layout.local_rank)
         return torch.device("cuda")
     return torch.device(requested)
+
+
+def pick_device(name: str) -> torch.device:
+    """The device a one-process command (eval, inspect, ...) runs on."""
+    return device_for(Layout(), name)

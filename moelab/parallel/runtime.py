@@ -25,7 +25,7 @@ from torch import nn
 
 from moelab.config import ConfigError
 from moelab.parallel.layout import Layout
-from moelab.train.clip import clip_grad_norm_
+from moelab.parallel.clip import clip_grad_norm_
 
 
 class SingleProcess:

@@ -27,7 +27,7 @@ the gradient shard over the replicas, 2 (r - 1) / r of it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from math import comb
 
 from moelab.config import ModelConfig
@@ -147,9 +147,3 @@ def fsdp(counts: ModelCounts, layout: Layout, hw: Hardware, wl: Workload, micro_
     return Collectives(micro_batches * (ag_dense + ag_expert), micro_batches * (rs_dense + rs_expert),
                        micro_batches * rep, seconds, micro_batches * unit_s)
 
-
-def alltoall_dict(a: AllToAll) -> dict:
-    out = asdict(a)
-    out["bytes_per_step"] = a.bytes_per_step
-    out["bytes_per_step_with_local"] = a.bytes_per_step_with_local
-    return out

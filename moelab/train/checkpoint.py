@@ -1,122 +1,318 @@
-"""Run folders and checkpoints: safetensors for tensors, JSON for everything else.
+"""Training checkpoints: weights, optimiser moments, RNG and loop position, as safetensors + JSON
+(never pickle), written into a temporary folder that is renamed into place only when complete,
+so an interrupted save can never replace a good checkpoint.
 
-A run folder is the unit every command passes around::
+Two formats behind one :class:`Checkpointer`; the format is chosen once, from the runtime when
+saving and from the checkpoint's own ``trainer_state.json`` when reading, so either kind of run
+resumes from either kind of checkpoint:
 
-    RUN/config.json          the full Config (model, train, data)
-    RUN/model.safetensors    the latest weights (what `moelab.load` reads)
-    RUN/tokenizer.json       the tokenizer, when the run has one
-    RUN/metrics.jsonl        one JSON object per logged step
-    RUN/ckpt-XXXXXXXX/       training checkpoints (weights, optimiser, trainer state)
+one process (``LocalFormat``)::
 
-Every file is written atomically (temp file in the same folder, fsync, rename), so a crash during
-a save leaves the previous file intact. Nothing here unpickles: tensors load through safetensors.
+    RUN/ckpt-00000100/model.safetensors
+    RUN/ckpt-00000100/optimizer.safetensors   (AdamW moments by parameter index, RNG state)
+    RUN/ckpt-00000100/trainer_state.json      (step, tokens, elapsed time, param groups)
+
+several processes (``ShardedFormat``, ``torch.distributed.checkpoint``; ``moelab.parallel.checkpoint``)::
+
+    RUN/ckpt-00000100/model.safetensors       (consolidated full weights)
+    RUN/ckpt-00000100/model/sharded/, optim/, rng/, trainer_state.json
+
+A run resumes from its newest intact checkpoint: a damaged or incomplete newer one is named,
+moved aside (never deleted) and skipped, unless ``strict`` asks to stop instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from moelab.config import Config, ConfigError, from_dict
-from moelab.fileio import atomic_write
+from moelab.fileio import atomic_write, fsync_dir, save_tensors, write_json
+from moelab.model.weights import StateMismatch, check_shapes
+from moelab.runfolder import (
+    WEIGHTS_FILE, CheckpointError, checkpoint_dirs, checkpoint_name, load_tensors, model_state,
+)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-METRICS_FILE = "metrics.jsonl"
-
-
-class CheckpointError(RuntimeError):
-    """A run folder or checkpoint is missing, damaged or does not match the model."""
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+DAMAGED_PREFIX = "damaged-"
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+@dataclass
+class LoopState:
+    step: int = 0            # optimiser steps completed
+    tokens: int = 0          # training tokens consumed
+    elapsed_s: float = 0.0   # training wall-clock so far (excludes eval and saving)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "LoopState":
+        return cls(int(state["step"]), int(state["tokens"]), float(state["elapsed_s"]))
+
+    def as_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s}
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    try:
-        atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
-    except SafetensorError as e:        # safetensors reports a failed write (full disk) as its own error
-        raise OSError(None, str(e), str(path)) from None
+@dataclass
+class ResumePoint:
+    path: Path
+    state: dict              # the checkpoint's trainer_state.json
+    moved_aside: list[Path]
 
 
-def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged or not a safetensors file: {e}") from None
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Persistent parameters and buffers; tied weights appear once (the LM head is absent)."""
-    return {k: v for k, v in model.state_dict().items()}
-
-
-def save_run(run_dir: str | Path, model: torch.nn.Module, config: Config,
-             tokenizer_json: str | None = None) -> Path:
-    """Write config.json, model.safetensors and (optionally) tokenizer.json into ``run_dir``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / CONFIG_FILE, config.to_dict())
-    save_tensors(run_dir / WEIGHTS_FILE, model_state(model), {"format": "pt", "moelab": "1"})
-    if tokenizer_json is not None:
-        atomic_write(run_dir / TOKENIZER_FILE, lambda tmp: Path(tmp).write_text(tokenizer_json, encoding="utf-8"))
-    return run_dir
-
-
-def read_config(run_dir: str | Path) -> Config:
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {str(run_dir)!r} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} is not a moelab run folder (no {CONFIG_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is damaged: {e}") from None
-    try:
-        return from_dict(Config, data).validate()
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load that names missing, unexpected and mis-shaped tensors."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append(f"wrong shape {wrong[:5]}")
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    try:
+        check_shapes({k: v.shape for k, v in model.state_dict().items()},
+                     {k: v.shape for k, v in state.items()}, source)
+    except StateMismatch as e:
+        raise CheckpointError(str(e)) from None
     model.load_state_dict(state, strict=True)
 
 
-def load_model(run_dir: str | Path, device: str = "cpu", weights: str | Path | None = None):
-    """The model of a run folder, in eval mode."""
-    from moelab.model.transformer import Transformer
-    run_dir = Path(run_dir)
-    cfg = read_config(run_dir)
-    model = Transformer(cfg.model)
-    path = Path(weights) if weights is not None else run_dir / WEIGHTS_FILE
-    load_state_into(model, load_tensors(path), str(path))
-    return model.to(device).eval()
+# ---------------------------------------------------------------------------------------------
+# the one-process format
+# ---------------------------------------------------------------------------------------------
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, slots in sd["state"].items():
+        for key, value in slots.items():
+            tensors[f"state.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _optimizer_state_by_index(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    return state
+
+
+def _full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """A one-process optimizer checkpoint (state by parameter index) keyed by parameter name, as
+    ``torch.distributed.checkpoint.state_dict`` takes full state dicts. Indices follow the order
+    of the optimizer's parameters, which ``build_optimizer`` derives from the model alone."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    state = {order[idx]: slots for idx, slots in _optimizer_state_by_index(tensors).items()}
+    groups, start = [], 0
+    for saved, live in zip(meta["param_groups"], optimizer.param_groups):
+        groups.append({**{k: v for k, v in saved.items() if k != "params"},
+                       "params": order[start:start + len(live["params"])]})
+        start += len(live["params"])
+    return {"state": state, "param_groups": groups}
+
+
+class LocalFormat:
+    """One process: the full weights, the optimizer state by parameter index and the RNG."""
+
+    name = "local"
+
+    def write(self, tmp: Path, model, optimizer, loop: LoopState, runtime) -> None:
+        save_tensors(tmp / WEIGHTS_FILE, model_state(model))
+        opt, meta = optimizer_tensors(optimizer)
+        opt["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            opt["rng.cuda"] = torch.cuda.get_rng_state()
+        save_tensors(tmp / OPTIMIZER_FILE, opt)
+        write_json(tmp / STATE_FILE, {**loop.as_state(), "format": self.name, "optimizer": meta})
+
+    def verify(self, ckpt: Path, state: dict) -> None:
+        load_tensors(ckpt / WEIGHTS_FILE), load_tensors(ckpt / OPTIMIZER_FILE)
+
+    def restore(self, ckpt: Path, state: dict, model, optimizer, runtime) -> None:
+        weights, opt = load_tensors(ckpt / WEIGHTS_FILE), load_tensors(ckpt / OPTIMIZER_FILE)
+        meta = state["optimizer"]
+        if runtime.layout.distributed:            # full tensors into this rank's shards
+            from moelab.parallel.checkpoint import load_full_into
+            load_full_into(model, optimizer, weights, _full_optimizer_state(model, optimizer, opt, meta))
+        else:
+            load_weights_into(model, weights, str(ckpt))
+            optimizer.load_state_dict({"state": _optimizer_state_by_index(opt),
+                                       "param_groups": meta["param_groups"]})
+            if "rng.cuda" in opt and torch.cuda.is_available():
+                torch.cuda.set_rng_state(opt["rng.cuda"])
+        torch.set_rng_state(opt["rng.cpu"])
+
+
+class ShardedFormat:
+    """Several processes: every rank writes its shards (DCP); rank 0 the consolidated weights."""
+
+    name = "sharded"
+
+    def write(self, tmp: Path, model, optimizer, loop: LoopState, runtime) -> None:
+        from moelab.parallel.checkpoint import CONSOLIDATED_FILE, MODEL_DIR, save_sharded
+        layout = runtime.layout
+        groups = save_sharded(tmp, model, optimizer, layout.rank)
+        runtime.barrier()
+        if layout.is_main:
+            os.replace(tmp / MODEL_DIR / CONSOLIDATED_FILE, tmp / WEIGHTS_FILE)
+            write_json(tmp / STATE_FILE, {
+                **loop.as_state(), "format": self.name, "optimizer": {"param_groups": groups},
+                "layout": {"world_size": layout.world_size, "ep": layout.ep, "dp_shard": layout.dp_shard}})
+
+    def verify(self, ckpt: Path, state: dict) -> None:
+        """Every shard's header is read (safetensors refuses a truncated file), and every piece the
+        checkpoint's layout implies is present (``moelab.parallel.checkpoint.missing_pieces``)."""
+        from safetensors import SafetensorError, safe_open
+        from moelab.parallel.checkpoint import missing_pieces, sharded_files
+        try:
+            missing = missing_pieces(ckpt, int(state["layout"]["world_size"]),
+                                     state["optimizer"]["param_groups"])
+        except (KeyError, TypeError, ValueError, OSError, SafetensorError) as e:
+            raise CheckpointError(f"checkpoint {ckpt} is damaged ({e})") from None
+        if missing:
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete (missing {', '.join(missing[:4])})")
+        for f in sharded_files(ckpt) + [ckpt / WEIGHTS_FILE]:
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"checkpoint {ckpt} is damaged ({f.relative_to(ckpt)}: {e})") from None
+
+    def restore(self, ckpt: Path, state: dict, model, optimizer, runtime) -> None:
+        from moelab.parallel.checkpoint import load_sharded
+        load_sharded(ckpt, model, optimizer, state["optimizer"]["param_groups"], runtime.layout.rank)
+
+
+FORMATS = {f.name: f for f in (LocalFormat(), ShardedFormat())}
+
+
+# ---------------------------------------------------------------------------------------------
+# verification and choice of the checkpoint to resume
+# ---------------------------------------------------------------------------------------------
+
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer_state.json, checked for the fields every format needs."""
+    state_path = ckpt / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {STATE_FILE})")
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        LoopState.from_state(state)
+        if state.get("format", "local") not in FORMATS:
+            raise ValueError(f"unknown format {state.get('format')!r}")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({STATE_FILE}: {e})") from None
+    return state
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """Read enough of ``ckpt`` to know it is whole; returns its trainer state."""
+    state = read_state(ckpt)
+    FORMATS[state.get("format", "local")].verify(ckpt, state)
+    return state
+
+
+def choose_resume_checkpoint(run_dir: Path, strict: bool = False,
+                             warn: Callable[[str], None] = print) -> ResumePoint:
+    """The newest intact checkpoint of ``run_dir``. Newer damaged ones are moved aside to
+    ``damaged-ckpt-...`` (kept for inspection) once an intact one is found; with ``strict``, or
+    when none is intact, nothing is moved and CheckpointError names what is wrong."""
+    ckpts = checkpoint_dirs(run_dir)
+    if not ckpts:
+        raise CheckpointError(f"{str(run_dir)!r} has no checkpoint to resume from")
+    damaged: list[tuple[Path, str]] = []
+    for ckpt in reversed(ckpts):
+        try:
+            state = verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            damaged.append((ckpt, str(e)))
+            if strict:
+                raise CheckpointError(f"{e}; --strict-resume stops here (without it the run would "
+                                      "resume from the newest intact checkpoint)") from None
+            continue
+        moved = []
+        for bad, why in damaged:
+            target = _aside_name(bad)
+            os.rename(bad, target)
+            moved.append(target)
+            warn(f"{why}: moved aside to {target.name}; resuming from {ckpt.name}")
+        if moved:
+            fsync_dir(run_dir)
+        return ResumePoint(ckpt, state, moved)
+    raise CheckpointError("; ".join(why for _, why in damaged) + " (no intact checkpoint to resume from)")
+
+
+def _aside_name(ckpt: Path) -> Path:
+    target = ckpt.with_name(DAMAGED_PREFIX + ckpt.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}.{n}")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# the checkpointer the training loop uses
+# ---------------------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Saves and restores training checkpoints for ``runtime``'s processes and keeps the run's
+    top-level weights on the newest one. Only the main process renames, copies and prunes."""
+
+    def __init__(self, run_dir: Path, runtime, keep: int):
+        self.run_dir, self.runtime, self.keep = Path(run_dir), runtime, keep
+        self.format = FORMATS["sharded" if runtime.layout.distributed else "local"]
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState) -> Path:
+        final = self.run_dir / checkpoint_name(loop.step)
+        tmp = self.run_dir / f".{final.name}.tmp"
+        main = self.runtime.layout.is_main
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.runtime.barrier()
+        failure: Optional[BaseException] = None
+        try:
+            self.format.write(tmp, model, optimizer, loop, self.runtime)
+            if main:
+                fsync_dir(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                fsync_dir(self.run_dir)
+                # the run's top-level weights follow the newest checkpoint
+                atomic_write(self.run_dir / WEIGHTS_FILE, lambda t: shutil.copyfile(final / WEIGHTS_FILE, t))
+                for old in checkpoint_dirs(self.run_dir)[:-self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException as e:          # noqa: BLE001 - cleaned up and re-raised below
+            failure = e
+        if self.runtime.any_of([failure is not None])[0]:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(failure, OSError):
+                raise CheckpointError(self._disk_message(final, failure, model, optimizer)) from None
+            if failure is not None:
+                raise failure
+            raise CheckpointError(f"saving {final} failed on another rank (see its error)")
+        self.runtime.barrier()
+        return final
+
+    def _disk_message(self, final: Path, e: OSError, model, optimizer) -> str:
+        needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        needed += sum(v.numel() * v.element_size() for s in optimizer.state.values()
+                      for v in s.values() if torch.is_tensor(v))
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+            space = f"{free:,} bytes free there"
+        except OSError:
+            space = "free space unknown"
+        where = e.filename or final
+        return (f"could not write checkpoint {final.name} ({where}: {e.strerror or e}); it needs about "
+                f"{needed:,} bytes, {space}. The previous checkpoint and model.safetensors are intact; "
+                f"free some space and resume with `moelab train --resume {self.run_dir}`")
+
+    def restore(self, point: ResumePoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
+        FORMATS[point.state.get("format", "local")].restore(point.path, point.state, model, optimizer,
+                                                             self.runtime)
+        return LoopState.from_state(point.state)

@@ -70,6 +70,7 @@ def test_a_version_2_plan_reads_its_units_from_this_folder(tmp_path):
     assert [u["run_dir"] for u in load_plan(out)["units"]] == [f"runs/{u['id']}" for u in plan["units"]]
 
 
+@pytest.mark.slow          # trains a compare (a subprocess per unit)
 def test_resume_from_another_directory_and_a_copied_folder_reports_its_own_runs(tmp_path, monkeypatch, capsys):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()

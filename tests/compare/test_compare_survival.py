@@ -10,8 +10,10 @@ import pytest
 
 from moelab.cli import main
 from moelab.lock import FolderLock
-from moelab.train.state import checkpoint_dirs
-from moelab.train.stop import EXIT_STOPPED
+from moelab.runfolder import checkpoint_dirs
+from moelab.stop import EXIT_STOPPED
+
+pytestmark = pytest.mark.slow      # compares in subprocesses, torchrun
 
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
         "model.ffn_hidden=128", "model.moe.expert_hidden=64", "model.moe.num_experts=4",

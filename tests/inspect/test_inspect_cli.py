@@ -8,7 +8,7 @@ import pytest
 import moelab
 from moelab.cli import main
 from moelab.inspect import InspectOptions, inspect_run
-from moelab.train.checkpoint import save_run
+from moelab.runfolder import save as save_run
 
 LAYER_KEYS = {"layer", "tokens_per_expert", "normalized_load", "dead_experts", "entropy", "coactivation",
               "vocab_specialization", "category_share", "ablation_delta_loss"}

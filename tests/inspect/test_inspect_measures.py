@@ -18,7 +18,8 @@ from moelab.inspect.collect import collect
 from moelab.inspect.source import open_source
 from moelab.inspect.specialization import PairCounts, vocab_specialization
 from moelab.model.moe.router import Routing
-from moelab.train.checkpoint import load_tensors, read_config, save_tensors, write_json
+from moelab.fileio import save_tensors, write_json
+from moelab.runfolder import load_tensors, read_config
 
 TOKENS = 4096
 

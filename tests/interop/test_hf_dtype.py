@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from moelab.cli import main
 from moelab.interop import from_transformers
-from moelab.quantize import load
+from moelab.runfolder import load
 
 from hf_models import hf_model
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import moelab
 from moelab.cli import main
 from moelab.interop import InteropError, export_hf, import_hf, to_transformers
-from moelab.train.checkpoint import save_run
+from moelab.runfolder import save as save_run
 
 from hf_models import hf_model
 
@@ -181,14 +181,15 @@ def test_cli_round_trip_and_errors(mixtral_dir, tmp_path, capsys):
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "x"), "--family", "llama"]) == 2
     assert "cannot export to llama" in capsys.readouterr().err
     assert main(["convert", "--from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
-    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "z")]) == 2
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "z")]) == 0   # family: the imported one
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert json.loads((tmp_path / "z" / "config.json").read_text())["model_type"] == "mixtral"
 
 
 def test_shard_plan_and_sizes():
     import torch
     from moelab.interop import InteropError
-    from moelab.interop.hf import parse_size, plan_shards
+    from moelab.interop.folders import parse_size, plan_shards
     t = {"a": torch.zeros(10), "b": torch.zeros(30), "c": torch.zeros(5), "d": torch.zeros(5)}   # 40/120/20/20 B
     assert plan_shards(t, 100) == [["a"], ["b"], ["c", "d"]]          # b alone exceeds: its own shard
     assert plan_shards(t, 10**9) == [["a", "b", "c", "d"]]

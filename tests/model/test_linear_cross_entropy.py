@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import moelab
 from moelab.model.linear_cross_entropy import IGNORE_INDEX, chunk_rows, linear_cross_entropy
-from moelab.train.trainer import lm_loss
+from moelab.train.evaluate import lm_loss
 
 
 def _plain_and_fused(N, D, V, chunk, scale=1.0, dtype=torch.float64, seed=0, ignored=None):

@@ -17,10 +17,11 @@ import torch
 
 import moelab
 from moelab.cli import main
-from moelab.train.checkpoint import load_model, load_tensors
-from moelab.train.state import checkpoint_dirs
-from moelab.train.stop import EXIT_STOPPED
-from moelab.train.trainer import load_metrics, train
+from moelab.runfolder import checkpoint_dirs, load, load_metrics, load_tensors
+from moelab.stop import EXIT_STOPPED
+from moelab.train.trainer import train
+
+pytestmark = pytest.mark.slow      # every test starts torchrun
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
@@ -141,7 +142,7 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tmp_path):
     # tensors, as the checkpoint's shards assemble them) and scores, in one process, the
     # validation loss the 2-process run logged
     final = load_tensors(checkpoint_dirs(full)[-1] / "model.safetensors")
-    model = load_model(full)
+    model = load(full)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, final[name]), name
     assert model.blocks[0].ffn.experts.w_gate_up.shape[0] == 4

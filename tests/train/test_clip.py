@@ -1,11 +1,11 @@
-"""moelab.train.clip: the same clipping as torch's, skipping the multiply under the limit."""
+"""moelab.parallel.clip: the same clipping as torch's, skipping the multiply under the limit."""
 
 import math
 
 import pytest
 import torch
 
-from moelab.train.clip import clip_grad_norm_, total_grad_norm
+from moelab.parallel.clip import clip_grad_norm_, total_grad_norm
 
 
 def _params(scale: float, dtype=torch.float32) -> list[torch.nn.Parameter]:

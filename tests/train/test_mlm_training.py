@@ -7,8 +7,8 @@ import pytest
 
 import moelab
 from moelab.cli import main
-from moelab.train.state import checkpoint_dirs
-from moelab.train.trainer import load_metrics, train
+from moelab.runfolder import checkpoint_dirs, load_metrics
+from moelab.train.trainer import train
 
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
         "model.ffn_hidden=128", "model.moe.expert_hidden=64", "model.moe.num_experts=4",
@@ -45,7 +45,7 @@ def test_mlm_loss_falls_and_eval_reports_masked_loss_and_accuracy(tmp_path, caps
     # the accuracy is the share of masked positions whose top-1 prediction is the original token
     model = moelab.load(run)
     from moelab.data import eval_batches, prepare_data
-    from moelab.train.checkpoint import read_config
+    from moelab.runfolder import read_config
     cfg = read_config(run)
     data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda m: None)
     correct = 0

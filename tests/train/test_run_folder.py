@@ -17,10 +17,9 @@ import torch
 import moelab
 from moelab.cli import main
 from moelab.lock import FolderLock
-from moelab.train.checkpoint import load_model
-from moelab.train.state import checkpoint_dirs
-from moelab.train.stop import EXIT_STOPPED
-from moelab.train.trainer import load_metrics, train
+from moelab.runfolder import checkpoint_dirs, load, load_metrics
+from moelab.stop import EXIT_STOPPED
+from moelab.train.trainer import train
 
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
         "model.ffn_hidden=128", "model.moe.expert_hidden=64", "model.moe.num_experts=4",
@@ -49,6 +48,7 @@ def _cli(preset, sets, out):
     return args
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
     # no periodic checkpoint at all: only the stop request saves one
     sets = ["train.max_steps=60", "train.save_every=100000", "train.save_every_minutes=none",
@@ -132,6 +132,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(tmp_path, monkey
     assert _losses(run) == _losses(tmp_path / "full")
 
 
+@pytest.mark.slow
 def test_a_save_past_the_file_size_limit_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     sets = ["train.max_steps=4", "train.save_every=4", "train.eval_every=100", "train.save_every_minutes=none"]
@@ -151,7 +152,7 @@ def test_a_save_past_the_file_size_limit_keeps_the_previous_checkpoint(tmp_path)
     assert "ckpt-00000008" in proc.stderr and "bytes" in proc.stderr and "Traceback" not in proc.stderr
     assert [p.name for p in checkpoint_dirs(run)] == ["ckpt-00000004"]
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]     # its partial files are gone
-    load_model(run)                                                       # top-level weights intact
+    load(run)                                                       # top-level weights intact
     assert main(["train", "--resume", str(run), "--set", "train.max_steps=8", "--no-progress"]) == 0
 
 
@@ -171,7 +172,7 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
     train(_cfg("moe", *sets, "parallel.activation_checkpointing=true"), tmp_path / "ac",
           show_progress=False, log=lambda m: None)
     assert _losses(tmp_path / "ac") == _losses(tmp_path / "plain")
-    bias = lambda run: [t for k, t in load_model(run).state_dict().items() if k.endswith("expert_bias")]
+    bias = lambda run: [t for k, t in load(run).state_dict().items() if k.endswith("expert_bias")]
     assert all((a == b).all() for a, b in zip(bias(tmp_path / "ac"), bias(tmp_path / "plain")))
     assert any(b.abs().sum() > 0 for b in bias(tmp_path / "ac"))
     # sign updates cannot tell a doubled load from the true one: count directly

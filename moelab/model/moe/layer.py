@@ -17,8 +17,21 @@ from moelab.config import ConfigError, ModelConfig, MoEConfig, _validate_moe, fr
 from moelab.model.ffn import SwiGLU
 from moelab.model.moe import losses
 from moelab.model.moe.dispatch import LocalDispatcher, plan_dispatch
+from moelab.model.moe.engines import infer_experts
 from moelab.model.moe.experts import GroupedExperts
 from moelab.model.moe.router import Router, capacity, capacity_keep_mask
+
+
+def load_cv(tokens_per_expert_E: torch.Tensor) -> float:
+    """Coefficient of variation of tokens per expert (0 = perfectly balanced)."""
+    load = tokens_per_expert_E.float()
+    return float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+
+
+def max_over_mean(tokens_per_expert_E: torch.Tensor) -> float:
+    """The busiest expert's load over the mean load (1 = perfectly balanced)."""
+    load = tokens_per_expert_E.float()
+    return float(load.max() / load.mean().clamp_min(1e-9))
 
 
 @dataclass
@@ -35,24 +48,21 @@ class RouterStats:
 
     @property
     def load_cv(self) -> float:
-        """Coefficient of variation of tokens per expert (0 = perfectly balanced)."""
-        load = self.tokens_per_expert.float()
-        return float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+        return load_cv(self.tokens_per_expert)
 
     @property
     def max_over_mean(self) -> float:
-        load = self.tokens_per_expert.float()
-        return float(load.max() / load.mean().clamp_min(1e-9))
+        return max_over_mean(self.tokens_per_expert)
 
-    def summary(self) -> dict[str, float]:
-        out = {
-            "load_cv": self.load_cv,
-            "max_over_mean": self.max_over_mean,
-            "dropped_fraction": float(self.dropped_fraction),
-            "entropy": float(self.entropy),
-        }
+    def averages(self) -> dict[str, float]:
+        """The statistics that average over processes (fractions, entropy, unweighted losses);
+        the load ones come from summed loads instead."""
+        out = {"dropped_fraction": float(self.dropped_fraction), "entropy": float(self.entropy)}
         out.update({k: float(v) for k, v in self.losses.items()})
         return out
+
+    def summary(self) -> dict[str, float]:
+        return {"load_cv": self.load_cv, "max_over_mean": self.max_over_mean, **self.averages()}
 
 
 @dataclass
@@ -72,7 +82,7 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, num_experts: Optional[int] = None, top_k: Optional[int] = None,
                  expert_hidden: Optional[int] = None, *, config: Optional[MoEConfig] = None,
-                 init_std: float = 0.02, backend: str = "auto", **options: Any):
+                 init_std: float = 0.02, backend: str = "auto", layer: int = -1, **options: Any):
         super().__init__()
         cfg = config if config is not None else _moe_config(
             d_model, num_experts=num_experts, top_k=top_k, expert_hidden=expert_hidden, **options)
@@ -80,6 +90,7 @@ class MoE(nn.Module):
             _validate_standalone(d_model, cfg)
         E = num_experts if (config is not None and num_experts is not None) else cfg.num_experts
         self.cfg, self.d_model, self.num_experts = cfg, d_model, E
+        self.layer = layer                       # its block's index, for the statistics (-1 alone)
         self.router = Router(d_model, E, cfg)
         self.experts = GroupedExperts(E, d_model, cfg.expert_hidden, backend=backend)
         if cfg.num_shared_experts > 0:
@@ -145,8 +156,20 @@ class MoE(nn.Module):
                 entropy=losses.router_entropy(routing.probs_NE),
                 expert_ids=routing.ids_NK.detach(),
                 losses={k: v.detach() for k, v in loss_values.items()},
+                layer=self.layer,
             )
         return MoEOutput(out_ND.view(shape), aux_loss, stats)
+
+    def infer(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer for inference: ((N, D) output, (N, K) expert ids). Same routing and experts
+        as ``forward``, but always dropless (a dropped token's output would depend on which
+        other tokens share its batch, so cached decoding would stop equalling a full forward),
+        with no aux losses or statistics, on the engine ``engines.choose_engine`` picks."""
+        routing = self.router(x_ND)
+        out_ND = infer_experts(self.experts, x_ND, routing)
+        if self.shared is not None:
+            out_ND = out_ND + self.shared_output(x_ND)
+        return out_ND, routing.ids_NK
 
     def _aux_losses(self, routing, shape) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, E = self.cfg, self.num_experts

@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from moelab import MoE
-from moelab.model.moe import experts as experts_mod
+from moelab.model.moe import engines as engines_mod
+from moelab.model.moe import grouped_swiglu as swiglu_mod
+from moelab.model.moe import tiles as tiles_mod
 from moelab.model.moe.dispatch import permute, plan_dispatch, unpermute
-from moelab.model.moe.experts import GroupedExperts, Tile, grouped_mm_supports, loop_tiles
+from moelab.model.moe.engines import choose_engine, grouped_mm_supports
+from moelab.model.moe.experts import GroupedExperts
+from moelab.model.moe.tiles import Tile, loop_tiles
 
-needs_grouped_mm = pytest.mark.skipif(not experts_mod.HAS_GROUPED_MM, reason="torch without grouped_mm")
+needs_grouped_mm = pytest.mark.skipif(not swiglu_mod.HAS_GROUPED_MM, reason="torch without grouped_mm")
 
 OPTIONS = [
     dict(),                                                               # dropless softmax top-2
@@ -45,18 +49,15 @@ def _run(layer, x, g):
     return out, _grads(layer, x, out, g)
 
 
-@pytest.mark.parametrize("options,engine,tile_rows,deterministic",
-                         list(itertools.product(OPTIONS, ["loop", "padded"], [1, 5, 10_000], [False, True])))
-def test_cpu_engines_match_reference(monkeypatch, options, engine, tile_rows, deterministic):
-    """float64, the loop and padded (bmm) engines, every tiling (one expert per tile, several,
-    all in one) and both combines equal the per-token reference, forward and all gradients
-    (router, experts, shared, input)."""
-    monkeypatch.setattr(experts_mod, "TILE_ROWS", tile_rows)
-    monkeypatch.setattr(experts_mod, "PAD_TILE_ELEMS", tile_rows * (16 + 2 * 12))
-    monkeypatch.setattr(experts_mod, "PAD_MAX_WASTE", 1e9)       # pad whenever allowed
+@pytest.mark.parametrize("options,tile_rows,deterministic",
+                         list(itertools.product(OPTIONS, [1, 5, 10_000], [False, True])))
+def test_cpu_engines_match_reference(monkeypatch, options, tile_rows, deterministic):
+    """float64, the loop engine at every tiling (one expert per tile, several, all in one) and
+    both combines equal the per-token reference, forward and all gradients (router, experts,
+    shared, input)."""
+    monkeypatch.setattr(tiles_mod, "TILE_ROWS", tile_rows)
     layer = _layer(**options)
     layer.experts.backend, layer.experts.deterministic = "loop", deterministic
-    layer.experts.padding = engine == "padded"
     for shape in [(3, 5, 16), (6, 16), (1, 16)]:           # few tokens: some experts get none
         x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         g = torch.randn(*shape, dtype=torch.float64)
@@ -119,7 +120,7 @@ def test_grouped_mm_engine_matches_loop_engine(options):
     out_loop, grads_loop = _run(layer, x, g)
     for deterministic in (False, True):
         layer.experts.backend, layer.experts.deterministic = "grouped_mm", deterministic
-        assert layer.experts.resolved_backend(x) == "grouped_mm"
+        assert choose_engine(layer.experts, x, None) == "grouped_mm"
         torch.manual_seed(3)
         out, grads = _run(layer, x, g)
         torch.testing.assert_close(out, out_loop, rtol=1e-5, atol=1e-6)
@@ -174,36 +175,6 @@ def test_bf16_autocast_runs_grouped_engine_close_to_fp32():
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.02)
 
 
-def test_padded_layout_only_when_cheap_and_tiles_whole_experts():
-    assert experts_mod.padded_layout([4, 5, 3, 4], 16, max_waste=1.25, tile_rows=10) == (5, [
-        Tile(0, 10, [(0, 0, 5), (1, 5, 10)], experts=(0, 2)),
-        Tile(10, 20, [(2, 0, 5), (3, 5, 10)], experts=(2, 4)),
-    ])
-    assert experts_mod.padded_layout([9, 1, 1, 1], 12, max_waste=1.25) is None   # 36 slots > 15
-    assert experts_mod.padded_layout([0, 0], 0) is None
-
-
-def test_padded_engine_is_opt_in_and_used_for_balanced_loads(monkeypatch):
-    calls = []
-    monkeypatch.setattr(experts_mod, "pad_rows", lambda *args: _record(calls, *args))
-    layer = _layer(num_experts=2, top_k=2)            # top-2 of 2: perfectly balanced
-    x = torch.randn(10, 16, dtype=torch.float64)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    layer(x)
-    assert not calls                                  # default: the plain loop, any thread count
-    layer.experts.padding = True
-    torch.testing.assert_close(layer(x).output, layer.reference_forward(x))
-    assert calls
-
-
-_pad_rows = experts_mod.pad_rows
-
-
-def _record(calls, *args):
-    calls.append(1)
-    return _pad_rows(*args)
-
-
 def test_loop_tiles_cut_whole_experts_and_skip_empty_ones():
     counts = torch.tensor([3, 0, 2, 6, 0, 1])
     tiles = loop_tiles(counts, rows=5)
@@ -219,22 +190,22 @@ def test_loop_tiles_cut_whole_experts_and_skip_empty_ones():
 @needs_grouped_mm
 def test_cpu_auto_engine_uses_grouped_mm_only_for_small_gradient_free_batches():
     """Inference with a few rows per expert runs grouped_mm (faster there, see
-    ``_cpu_inference_grouped``) and gives the loop engine's outputs; training and single tokens
+    ``engines.choose_engine``) and gives the loop engine's outputs; training and single tokens
     keep the loop."""
     layer = _layer(dtype=torch.float32, num_experts=8, top_k=2, expert_hidden=16)
     experts = layer.experts
     x = torch.randn(20, 16)
     assert experts.backend == "auto"
     with torch.no_grad():
-        assert experts.resolved_backend(x, 40) == "grouped_mm"      # 5 rows per expert
-        assert experts.resolved_backend(x, 2) == "loop"             # one token: 2 of 8 experts
-        assert experts.resolved_backend(x, 8 * 33) == "loop"        # many rows per expert
+        assert choose_engine(experts, x, 40) == "grouped_mm"      # 5 rows per expert
+        assert choose_engine(experts, x, 2) == "loop"             # one token: 2 of 8 experts
+        assert choose_engine(experts, x, 8 * 33) == "loop"        # many rows per expert
         out_auto = layer(x).output
         experts.backend = "loop"
         out_loop = layer(x).output
     torch.testing.assert_close(out_auto, out_loop, rtol=1e-5, atol=1e-6)
     experts.backend = "auto"
-    assert experts.resolved_backend(x, 40) == "loop"                # gradients: the loop
+    assert choose_engine(experts, x, 40) == "loop"                # gradients: the loop
 
 
 def test_backend_choice_and_fallbacks(monkeypatch):
@@ -242,29 +213,29 @@ def test_backend_choice_and_fallbacks(monkeypatch):
         GroupedExperts(4, 16, 16, backend="triton")
     experts = GroupedExperts(4, 16, 12, backend="grouped_mm")
     x64 = torch.zeros(2, 16, dtype=torch.float64)
-    assert experts.resolved_backend(x64) == "loop"                  # no float64 kernel
-    assert experts_mod.default_backend(torch.device("cpu")) == "loop"
+    assert choose_engine(experts, x64, None) == "loop"             # no float64 kernel
+    assert engines_mod.default_backend(torch.device("cpu")) == "loop"
     assert not grouped_mm_supports(torch.float32, 16, 6)           # 24-byte strides
     assert not grouped_mm_supports(torch.bfloat16, 16, 12)
     # a torch build without any grouped_mm (torch 2.9 CPU wheels may lack F.grouped_mm)
-    monkeypatch.setattr(experts_mod, "HAS_GROUPED_MM", False)
-    monkeypatch.setattr(experts_mod, "_GROUPED_MM", None)
-    assert experts_mod.default_backend(torch.device("cuda")) == "loop"
-    assert experts.resolved_backend(torch.zeros(2, 16)) == "loop"
+    monkeypatch.setattr(engines_mod, "HAS_GROUPED_MM", False)
+    monkeypatch.setattr(swiglu_mod, "_GROUPED_MM", None)
+    assert engines_mod.default_backend(torch.device("cuda")) == "loop"
+    assert choose_engine(experts, torch.zeros(2, 16), None) == "loop"
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(capacity_factor=0.5), dict(num_shared_experts=1)])
 def test_threaded_groups_match_reference_and_are_deterministic(monkeypatch, extra):
     """The loop engine's tiles split over worker threads (forced here at any size) give the
     per-token reference's outputs and gradients, and the same bits on every run."""
-    monkeypatch.setattr(experts_mod, "PARALLEL_MIN_EXPERTS", 2)
-    monkeypatch.setattr(experts_mod, "PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(experts_mod, "TILE_ROWS", 8)          # many tiles, several per thread
+    monkeypatch.setattr(tiles_mod, "PARALLEL_MIN_EXPERTS", 2)
+    monkeypatch.setattr(tiles_mod, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(tiles_mod, "TILE_ROWS", 8)          # many tiles, several per thread
     torch.set_num_threads(2)
     torch.manual_seed(0)
     layer = MoE(d_model=16, num_experts=8, top_k=2, expert_hidden=12, **extra).double().train()
     x = torch.randn(5, 9, 16, dtype=torch.float64, requires_grad=True)
-    assert len(experts_mod.thread_groups(experts_mod.loop_tiles(torch.tensor([30] * 8)), x, 12)) == 2
+    assert len(tiles_mod.thread_groups(tiles_mod.loop_tiles(torch.tensor([30] * 8)), x, 12)) == 2
     torch.manual_seed(1)
     out = layer(x).output
     torch.manual_seed(1)
