@@ -22,9 +22,14 @@ def add_parser(sub) -> None:
     p.add_argument("--budgets", default=None, metavar="B1,B2,...",
                    help="several token budgets (e.g. 250k,500k,1M): one run per model, seed and budget, "
                         "then a fit of loss against tokens and the crossover budgets")
-    p.add_argument("--seeds", default=str(DEFAULT_SEEDS), metavar="N",
+    p.add_argument("--seeds", default=None, metavar="N",
                    help=f"train every model at N seeds (train.seed, +1, ...) or at a list (1,2,3); "
-                        f"default {DEFAULT_SEEDS}")
+                        f"default {DEFAULT_SEEDS} (a study's own count with --study)")
+    p.add_argument("--study", metavar="FILE.toml",
+                   help="run a study file (models, budgets, seeds, matching, the question and the claim "
+                        "it tests): a path, or the name of a bundled study (see `moelab studies`)")
+    p.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
+                   help="multiply every budget by X (e.g. 4 to run a study longer on faster hardware)")
     p.add_argument("--match", default=DEFAULT_MATCH, choices=MATCH_MODES,
                    help=f"size the models to equal active, total or both parameter counts "
                         f"(none: as configured); default {DEFAULT_MATCH}")
@@ -58,38 +63,72 @@ def _command() -> str:
     return "moelab compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
 
 
+def _load_average() -> list | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _check_new_folder(out_dir: Path, dry_run: bool) -> None:
+    from moelab.compare.plan import PLAN_FILE
+    from moelab.compare.study_run import STUDY_FILE
+    if not dry_run and ((out_dir / PLAN_FILE).exists() or (out_dir / STUDY_FILE).exists()):
+        raise_user(f"{str(out_dir)!r} already holds a compare; use --resume {out_dir}")
+
+
 def _new_plan(args) -> tuple[dict, Path]:
-    from moelab.compare import DEFAULT_BUDGET
-    from moelab.compare.plan import PLAN_FILE, build_plan, parse_budget, parse_budgets
+    from moelab.compare import DEFAULT_BUDGET, DEFAULT_SEEDS
+    from moelab.compare.plan import build_plan, check_budget_scale, parse_budget, parse_budgets, scale_budget
     if args.budget is not None and args.budgets is not None:
         raise_user("give --budget (one budget) or --budgets (several), not both")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise_user("--models is empty: name at least one preset or config file")
+    scale = check_budget_scale(args.budget_scale)
     if args.budgets is not None:
-        budgets = parse_budgets(args.budgets)
+        budgets = [scale_budget(b, scale) for b in parse_budgets(args.budgets)]
         texts = [b.label for b in budgets]
     else:
         text = args.budget or DEFAULT_BUDGET
-        budgets, texts = [parse_budget(text)], [text]
+        budgets = [scale_budget(parse_budget(text), scale)]
+        texts = [text if scale == 1.0 else budgets[0].label]
     out_dir = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out_dir / PLAN_FILE).exists() and not args.dry_run:
-        raise_user(f"{str(out_dir)!r} already holds a compare; use --resume {out_dir}")
-    plan = build_plan(models, budgets, texts, args.seeds, args.match, args.overrides, out_dir, _command(),
-                      nproc=args.nproc)
-    try:
-        plan["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        plan["load_average"] = None
+    _check_new_folder(out_dir, args.dry_run)
+    plan = build_plan(models, budgets, texts, args.seeds or DEFAULT_SEEDS, args.match, args.overrides, out_dir,
+                      _command(), nproc=args.nproc)
+    plan["load_average"] = _load_average()
     return plan, out_dir
 
 
+def _new_study(args) -> tuple[dict, Path]:
+    from moelab.compare.study import find_study, load_study
+    from moelab.compare.study_run import plan_study
+    given = [f"--{k}" for k in ("models", "budget", "budgets", "match") if _given(args, k)]
+    if given:
+        raise_user(f"--study {args.study}: the study file sets the models, budgets and matching; drop "
+                   f"{', '.join(given)} (use --budget-scale to train longer, --seeds and --set to change the rest)")
+    spec = load_study(find_study(args.study))
+    out_dir = Path(args.out or f"runs/study-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_new_folder(out_dir, args.dry_run)
+    plans = plan_study(spec, out_dir, overrides=args.overrides, seeds=args.seeds, budget_scale=args.budget_scale,
+                       nproc=args.nproc, command=_command())
+    return plans, out_dir
+
+
+_DEFAULTS = {"budget": None, "budgets": None, "seeds": None, "out": None, "overrides": [], "nproc": 1,
+             "study": None, "budget_scale": 1.0}
+
+
+def _given(args, key: str) -> bool:
+    from moelab.compare import DEFAULT_MATCH, DEFAULT_MODELS
+    default = {"models": ",".join(DEFAULT_MODELS), "match": DEFAULT_MATCH, **_DEFAULTS}[key]
+    return getattr(args, key) != default
+
+
 def _plan_options_given(args) -> list[str]:
-    from moelab.compare import DEFAULT_MATCH, DEFAULT_MODELS, DEFAULT_SEEDS
-    defaults = {"models": ",".join(DEFAULT_MODELS), "budget": None, "budgets": None,
-                "seeds": str(DEFAULT_SEEDS), "match": DEFAULT_MATCH, "out": None, "overrides": [],
-                "nproc": 1}
-    return [f"--{'set' if k == 'overrides' else k}" for k, v in defaults.items() if getattr(args, k) != v]
+    keys = ["models", "match", *_DEFAULTS]
+    return [f"--{'set' if k == 'overrides' else k.replace('_', '-')}" for k in keys if _given(args, k)]
 
 
 def _unit_config(unit: dict):
@@ -132,10 +171,10 @@ def _check_measurable(plan: dict) -> None:
 def run(args) -> int:
     global _sink
     _sink = message_sink(args)
-    from moelab.compare.measure import measure_units
-    from moelab.compare.plan import headline_budget, load_plan, write_plan
-    from moelab.compare.report import build_report, print_tables
-    from moelab.compare.run import CompareStopped, run_units
+    from moelab.compare.plan import load_plan
+    from moelab.compare.report import print_answer, print_tables
+    from moelab.compare.run import CompareStopped
+    from moelab.compare.study_run import is_study_folder, load_study_plans, run_plan, run_variants, write_study
     from moelab.lock import FolderLock, FolderLockedError
     from moelab.progress import Progress
     from moelab.stop import EXIT_STOPPED
@@ -146,21 +185,29 @@ def run(args) -> int:
         if given:
             raise_user(f"--resume continues the plan stored in {args.resume}; drop {', '.join(given)}")
         out_dir = Path(args.resume)
-        plan = load_plan(out_dir)
+        plans = load_study_plans(out_dir)[1] if is_study_folder(out_dir) else {"": load_plan(out_dir)}
     else:
-        plan, out_dir = _new_plan(args)
+        if args.study:
+            plans, out_dir = _new_study(args)
+        else:
+            plan, out_dir = _new_plan(args)
+            plans = {"": plan}
         tracker_sets = [o for o in args.overrides if o.split("=")[0].strip() == "train.trackers"]
         if tracker_sets:                   # a missing wandb/mlflow: say so now, not after unit 1's data
             from moelab.config import Config
             check_available(Config().with_overrides(tracker_sets).train.trackers)
-    _log(f"compare: {', '.join(m['name'] for m in plan['models'])}; seeds {', '.join(map(str, plan['seeds']))}; "
-         f"budget{'s' if len(plan['budgets']) > 1 else ''} {', '.join(plan['budgets'])}; "
-         f"{len(plan['units'])} training runs; output {out_dir}")
-    for line in plan["matching"]:
-        _log("  " + line.replace("**", ""))
+    for name, plan in plans.items():
+        folder = out_dir / name if name else out_dir
+        _log(f"compare{f' [{name}]' if name else ''}: {', '.join(m['name'] for m in plan['models'])}; seeds "
+             f"{', '.join(map(str, plan['seeds']))}; budget{'s' if len(plan['budgets']) > 1 else ''} "
+             f"{', '.join(plan['budgets'])}; {len(plan['units'])} training runs; output {folder}")
+        for line in plan["matching"]:
+            _log("  " + line.replace("**", ""))
+        if args.dry_run:
+            for unit in plan["units"]:
+                _log(f"  {unit['id']}: moelab train --out {folder / unit['run_dir']} "
+                     + " ".join(shlex.quote(a) for a in unit["train_args"]))
     if args.dry_run:
-        for unit in plan["units"]:
-            _log(f"  {unit['id']}: moelab train --out {unit['run_dir']} " + " ".join(shlex.quote(a) for a in unit["train_args"]))
         return 0
     _check_measurable(plan)                 # before any unit trains (and on every --resume)
     try:
@@ -169,17 +216,19 @@ def run(args) -> int:
         raise_user(str(e))
     try:
         if not args.resume:
-            write_plan(plan, out_dir)
+            first = next(iter(plans.values()))
+            write_study(plans, first.get("study"), out_dir, first["command"], _load_average())
         # every unit is one run of one wandb group / MLflow experiment named after the compare
         os.environ.update(group_env(f"moelab-{out_dir.resolve().name}"))
         unit_output = (("--quiet",) if args.quiet else ()) + (("--log-file", args.log_file) if args.log_file else ())
-        run_units(plan, out_dir, show_progress=False if args.no_progress or args.quiet else None, log=_log,
-                  extra_args=unit_output)
-        headline = [u for u in plan["units"] if u["budget"] == headline_budget(plan)]
+        show_progress = False if args.no_progress or args.quiet else None
         with Progress("compare", enabled=not args.quiet, log=_log) as progress:
-            measure_units(out_dir, plan["units"], headline, log=_log, progress=progress.stage)
-            with progress.phase("writing the report and plots"):
-                rows, payload, verdicts = build_report(plan, out_dir)
+            if "" in plans:
+                rows, payload, verdicts = run_plan(plans[""], out_dir, show_progress=show_progress, log=_log,
+                                                   progress=progress, extra_args=unit_output)
+            else:
+                payload = run_variants(plans, out_dir, show_progress=show_progress, log=_log,
+                                       progress=progress, extra_args=unit_output)
     except CompareStopped as e:
         print(str(e), file=sys.stderr)
         return EXIT_STOPPED
@@ -187,5 +236,9 @@ def run(args) -> int:
         raise_user(str(e))
     finally:
         lock.release()
-    print_tables(rows, payload, verdicts, out_dir)
+    if "" in plans:
+        print_tables(rows, payload, verdicts, out_dir)
+    else:
+        print_answer(payload["study"])
+        print(f"report: {out_dir / 'report.md'}  (results.json, figures and one compare folder per variant beside it)")
     return 0

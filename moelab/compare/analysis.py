@@ -29,7 +29,15 @@ NUMBERS = (
     "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_batch8",
     "kv_cache_bytes_per_token", "weight_bytes_per_token_batch1", "weight_bytes_per_token_batch8",
     "alltoall_bytes_per_step", "fsdp_bytes_per_step", "comm_time_share",
+    "max_spike", "nonfinite_steps", "router_entropy", "router_entropy_min", "load_cv_early",
+    "dead_experts",
 )
+# Numbers where more is better (speeds); for every other number less is better (losses, load
+# imbalance, drops, spikes). Verdicts on these compare log ratios, on the others differences.
+HIGHER_IS_BETTER = ("tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+                    "decode_tokens_per_s_batch8", "router_entropy", "router_entropy_min")
+DEAD_SHARE = 0.01        # an expert is dead when its share of the last quarter's assignments is
+                         # below 1% of the uniform share 1/E
 INFERENCE = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_batch8",
              "kv_cache_bytes_per_token", "weight_bytes_per_token_batch1", "weight_bytes_per_token_batch8")
 
@@ -53,6 +61,22 @@ class UnitResult:
 
     def __getitem__(self, key: str):
         return self.values.get(key)
+
+
+def largest_spike(losses: list[float], window: int = SPIKE_WINDOW) -> Optional[float]:
+    """The largest ratio of a step's training loss to the mean of the previous ``window`` steps
+    (the size of the worst spike; below 1 when the loss only fell); None for short runs."""
+    ratios = [losses[i] / (sum(losses[i - window:i]) / window) for i in range(window, len(losses))
+              if sum(losses[i - window:i]) > 0]
+    return max(ratios) if ratios else None
+
+
+def _entropy_fraction(records: list[dict]) -> Optional[float]:
+    """Mean router entropy over MoE layers as a fraction of its maximum log(E): 1 = every token
+    spreads its scores evenly, near 0 = every token is sure of its experts (collapse)."""
+    values = [r["entropy"] / math.log(len(r["load"])) for r in records
+              if "entropy" in r and len(r.get("load", [])) > 1]
+    return stats.mean(values)
 
 
 def count_spikes(losses: list[float], window: int = SPIKE_WINDOW, ratio: float = SPIKE_RATIO) -> int:
@@ -98,19 +122,24 @@ def communication(trains: list[dict]) -> dict:
 
 
 def read_unit(unit: dict, out_dir: Path) -> UnitResult:
-    run_dir = Path(unit["run_dir"])
+    from moelab.compare.plan import unit_dir
+    run_dir = unit_dir(out_dir, unit)
     summary = _read_json(run_dir / SUMMARY_FILE)
     config = _read_json(run_dir / CONFIG_FILE)
     metrics = load_metrics(run_dir)
     trains = [r for r in metrics if r["kind"] == "train"]
     evals = [r for r in metrics if r["kind"] == "eval"]
     tail = trains[int(len(trains) * (1 - TAIL_FRACTION)):] or trains
+    head = trains[:max(1, int(len(trains) * TAIL_FRACTION))]
     routers = [layer for r in tail for layer in r.get("router", [])]
     layers = sorted({r["layer"] for r in routers})
     load = []
     for layer in layers:
         rows = [r["load"] for r in routers if r["layer"] == layer and "load" in r]
         load.append([sum(col) / len(col) for col in zip(*rows)] if rows else [])
+    dead = sum(sum(share < DEAD_SHARE / len(row) for share in row) for row in load if row)
+    entropy_by_step = [_entropy_fraction(r.get("router", [])) for r in trains]
+    entropy_by_step = [e for e in entropy_by_step if e is not None]
     n_layers = config["model"]["n_layers"]
     kind = "dense" if not layers else ("moe" if len(layers) == n_layers else "hybrid")
     measured = load_measurement(out_dir, unit)
@@ -133,14 +162,20 @@ def read_unit(unit: dict, out_dir: Path) -> UnitResult:
         "load_cv": stats.mean([r["load_cv"] for r in routers]),
         "max_over_mean": stats.mean([r["max_over_mean"] for r in routers]),
         "dropped_fraction": stats.mean([r["dropped_fraction"] for r in routers]),
-        "loss_spikes": count_spikes([r["loss"] for r in trains]),
+        "loss_spikes": count_spikes([r["loss"] for r in trains if not r.get("skipped")]),
+        "max_spike": largest_spike([r["loss"] for r in trains if not r.get("skipped")]),
+        "nonfinite_steps": sum(1 for r in trains if r.get("skipped")),
+        "router_entropy": _entropy_fraction(routers),
+        "router_entropy_min": min(entropy_by_step) if entropy_by_step else None,
+        "load_cv_early": stats.mean([l["load_cv"] for r in head for l in r.get("router", [])]),
+        "dead_experts": dead if layers else None,
         "aux_loss": stats.mean([r["aux_loss"] for r in tail]) or 0.0,
         "balance_loss": stats.mean([r.get("balance_loss") for r in routers]),
         "z_loss": stats.mean([r.get("z_loss") for r in routers]),
         **{k: inference.get(k) for k in INFERENCE},
         **communication(tail),
     }
-    return UnitResult(unit["id"], unit["model"], unit["seed"], unit["budget"], str(run_dir), kind, values,
+    return UnitResult(unit["id"], unit["model"], unit["seed"], unit["budget"], unit["run_dir"], kind, values,
                       [{"tokens": e["tokens"], "elapsed_s": e["elapsed_s"], "val_loss": e["val_loss"]} for e in evals],
                       load, layers, batch_losses, inference)
 
@@ -232,7 +267,7 @@ def read_study(plan: dict, out_dir: Path) -> Study:
     by_budget = {b: {m: ModelSummary(m, b, [u for u in units if u.budget == b and u.model == m])
                      for m in models} for b in plan["budgets"]}
     first = by_budget[plan["budgets"][-1]]
-    reference = next((m for m in models if first[m].kind == "dense"), models[0])
+    reference = plan.get("reference") or next((m for m in models if first[m].kind == "dense"), models[0])
     return Study(plan["seeds"], plan["budgets"], models, by_budget, reference, alignment,
                  rescoring_mismatches(units))
 

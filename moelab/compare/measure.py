@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moelab.compare.plan import write_json
+from moelab.compare.plan import unit_dir, write_json
 from moelab.progress import no_progress
 
 PROMPTS = 8
@@ -54,7 +54,7 @@ def load_measurement(out_dir: Path, unit: dict) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _load(run_dir: str):
+def _load(run_dir: Path):
     from moelab import load
     from moelab.runfolder import read_config
     return load(run_dir), read_config(run_dir)
@@ -195,13 +195,38 @@ def _summarise(model, rows: list[dict], prompts_BT: torch.Tensor) -> dict:
 
 
 INSPECT_TOKENS = 16384
+# the two-domain corpus's validation split lists one domain's documents before the other's: route
+# all of it (about 100k tokens at the full corpus), so that both domains are in the sample
+DOMAIN_INSPECT_TOKENS = 131072
+
+
+def _inspect(run_dir: Path, categories: str, progress=no_progress) -> dict:
+    """inspect's summary of one run; with named categories (``folder`` for the two-domain corpus)
+    also each layer's category test and per-category expert shares."""
+    from moelab.inspect import InspectOptions, inspect_run, summarize
+    tokens = INSPECT_TOKENS if categories == "auto" else DOMAIN_INSPECT_TOKENS
+    result = inspect_run(run_dir, InspectOptions(tokens=tokens, ablate="none", device="cpu",
+                                                 categories=categories), progress=progress)
+    out = summarize(result)
+    if categories != "auto":
+        out["categories"] = result["categories"]
+        # with one category in the sample there is nothing to test (inspect's permutation test
+        # then has zero spread and reports z = inf): say so instead of "specialised"
+        testable = sum(1 for n in result["categories"]["tokens"] if n > 0) >= 2
+        out["by_category"] = [
+            {"layer": l["layer"], "specialised": l.get("category_specialised") if testable else None,
+             "mi_bits": l.get("category_mi_bits"), "mi_chance_bits": l.get("category_mi_chance_bits"),
+             "mi_z": l.get("category_mi_z"), "uniform": l.get("category_uniform"),
+             "share": l.get("category_share", {})}
+            for l in result["layers"]]
+    return out
 
 
 def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] = print,
-                  progress=no_progress) -> None:
+                  categories: str = "auto", progress=no_progress) -> None:
     """``moelab inspect``'s summary (load, dead experts, strongest specialisation) of each sparse
     model's first-seed run: one pass over INSPECT_TOKENS held-out tokens, no ablation."""
-    from moelab.inspect import InspectError, summary
+    from moelab.inspect import InspectError
     first = {}
     for u in units:
         first.setdefault(u["model"], u)
@@ -211,7 +236,7 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
             continue
         progress(f"inspecting {unit['id']}: reading its held-out tokens", None)   # until routing starts
         try:
-            rec["inspect"] = summary(unit["run_dir"], tokens=INSPECT_TOKENS, progress=progress)
+            rec["inspect"] = _inspect(unit_dir(out_dir, unit), categories, progress)
         except InspectError:                       # a dense model: nothing routed
             rec["inspect"] = None
         else:
@@ -220,7 +245,8 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
 
 
 def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
-                  log: Callable[[str], None] = print, progress=no_progress) -> None:
+                  log: Callable[[str], None] = print, categories: str = "auto",
+                  progress=no_progress) -> None:
     """Fill ``DIR/measurements/<unit>.json`` for every unit (validation losses per batch) and, for
     ``inference_units``, the inference numbers; units measured before are not measured again."""
     val_tokens = ValTokens()
@@ -229,13 +255,13 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
         log(f"scoring {len(todo)} trained model(s) batch by batch on the validation set")
     advance = progress("scoring trained models", len(todo))     # moelab.progress: bars / lines
     for unit in todo:
-        model, cfg = _load(unit["run_dir"])
+        model, cfg = _load(unit_dir(out_dir, unit))
         losses = validation_batch_losses(model, cfg, val_tokens)
         rec = load_measurement(out_dir, unit)
         rec["val_batch_losses"] = losses
         write_json(_path(out_dir, unit), rec)
         advance(1)
-    inspect_units(out_dir, inference_units, log, progress)
+    inspect_units(out_dir, inference_units, log, categories, progress)
     pending = [u for u in inference_units if "inference" not in load_measurement(out_dir, u)]
     by_seed: dict = {}
     for u in pending:
@@ -245,7 +271,7 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
             f"{ROUNDS} interleaved rounds")
     advance = progress("timing inference", sum((ROUNDS + 1) * len(g) for g in by_seed.values()))
     for seed, group in by_seed.items():
-        loaded = [(u, *_load(u["run_dir"])) for u in group]
+        loaded = [(u, *_load(unit_dir(out_dir, u))) for u in group]
         prompts = [_prompts(m, c, val_tokens) for _, m, c in loaded]
         rows: list[list[dict]] = [[] for _ in loaded]
         for r in range(ROUNDS + 1):                       # round 0 warms up and is dropped

@@ -3,7 +3,9 @@
 A *unit* is one ordinary training run folder, ``DIR/runs/<model>-s<seed>-<budget>``, trained by
 ``python -m moelab train``; it is either finished (its ``summary.json`` exists), resumable (it has
 checkpoints) or not started. ``DIR/compare.json`` holds the plan, so ``--resume DIR`` needs
-nothing else and never retrains a finished unit.
+nothing else and never retrains a finished unit. Unit folders are stored relative to DIR and
+resolved against it when read (``unit_dir``), so a compare folder can be resumed from any working
+directory, a copy reports its own runs, and an entry that resolves outside DIR is refused.
 
 Seeds: N seeds ``train.seed + i`` (or an explicit list) are used identically for every model; a
 seed sets both the initial weights and the order of the training batches, while the validation
@@ -32,7 +34,8 @@ DEFAULT_BUDGET = "200k"    # per model and seed; why: docs/compare.md ("The defa
 DEFAULT_SEEDS = 3
 DEFAULT_MATCH = "active"
 PLAN_FILE = "compare.json"
-PLAN_VERSION = 2
+PLAN_VERSION = 3               # 3: unit folders relative to the compare folder
+RUNS_DIR = "runs"
 HUGE_STEPS = 100_000_000
 MAX_SEEDS = 64
 
@@ -78,6 +81,22 @@ def parse_budget(text: str, option: str = "--budget") -> Budget:
                       f"or tokens ('2M', '500k', '123456')")
 
 
+MAX_BUDGET_SCALE = 1000.0
+
+
+def scale_budget(budget: Budget, factor: float) -> Budget:
+    """``--budget-scale``: the same budget ``factor`` times longer (tokens rounded, at least 1)."""
+    if budget.tokens is not None:
+        return Budget(tokens=max(1, round(budget.tokens * factor)))
+    return Budget(seconds=budget.seconds * factor)
+
+
+def check_budget_scale(factor: float) -> float:
+    if not (isinstance(factor, (int, float)) and 0 < factor <= MAX_BUDGET_SCALE):
+        raise ConfigError(f"--budget-scale = {factor!r} is invalid: must be > 0 and <= {MAX_BUDGET_SCALE:g}")
+    return float(factor)
+
+
 def parse_budgets(text: str) -> list[Budget]:
     """``--budgets 250k,500k,1M``: at least two token budgets, no repeats, in increasing order."""
     parts = [p for p in (x.strip() for x in text.split(",")) if p]
@@ -116,6 +135,20 @@ def model_name(spec: str) -> str:
     return Path(spec).stem if spec.endswith(".toml") else spec
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """One compared model: its name (a folder-safe label), the preset or config TOML it starts
+    from, and overrides of its own (a study's inline ``[models.NAME]`` table)."""
+
+    name: str
+    spec: str
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, spec: "str | ModelSpec") -> "ModelSpec":
+        return spec if isinstance(spec, ModelSpec) else cls(model_name(spec), spec)
+
+
 def budget_overrides(budget: Budget, batch_size: int, seq_len: int) -> list[str]:
     """Train keys that make a run follow its budget, with evaluations spread over it."""
     out = [f"train.max_steps={HUGE_STEPS}", "train.log_every=1"]
@@ -132,30 +165,36 @@ def _model_args(spec: str) -> list[str]:
     return ["--config", spec] if spec.endswith(".toml") else ["--preset", spec]
 
 
-def build_plan(models: list[str], budgets: list[Budget], budget_texts: list[str], seeds_text: str | int,
-               match: str, overrides: list[str], out_dir: Path, command: str, nproc: int = 1) -> dict:
+def build_plan(models: "list[str | ModelSpec]", budgets: list[Budget], budget_texts: list[str],
+               seeds_text: str | int, match: str, overrides: list[str], out_dir: Path, command: str,
+               nproc: int = 1, reference: str | None = None) -> dict:
     """Validate every unit's config (and its layout on ``nproc`` processes) before any training,
-    and return the plan."""
+    and return the plan. ``overrides`` apply to every model, after each model's own; ``reference``
+    names the model the verdicts are against (default: the first dense model, else the first)."""
     from moelab import resolve_config
     from moelab.parallel.layout import plan_layout
     if nproc < 1:
         raise ConfigError(f"--nproc = {nproc} is invalid: must be >= 1")
     if match not in MATCH_MODES:
         raise ConfigError(f"--match = {match!r} is invalid: must be one of {', '.join(MATCH_MODES)}")
-    names = [model_name(m) for m in models]
+    specs = [ModelSpec.of(m) for m in models]
+    names = [m.name for m in specs]
     if len(set(names)) != len(names):
-        raise ConfigError(f"--models = {','.join(models)} is invalid: names repeat")
+        raise ConfigError(f"--models = {','.join(names)} is invalid: names repeat")
     bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
     if bad:
         raise ConfigError(f"--models: the name {bad[0]!r} cannot name a folder; rename the file")
-    configs = [resolve_config(spec, overrides) for spec in models]   # named ConfigError on bad input
+    if reference is not None and reference not in names:
+        raise ConfigError(f"reference = {reference!r} is not one of the models ({', '.join(names)})")
+    # named ConfigError on bad input
+    configs = [resolve_config(m.spec, [*m.overrides, *overrides]) for m in specs]
     sizings = match_models(names, [c.model for c in configs], match)
     seeds = parse_seeds(seeds_text, configs[0].train.seed)
     entries, units = [], []
-    for spec, name, cfg, sizing in zip(models, names, configs, sizings):
-        entries.append({"name": name, "spec": spec, "overrides": sizing.overrides,
-                        "sizing": sizing.public()})
-    lineup = list(zip(models, configs, entries))
+    for m, cfg, sizing in zip(specs, configs, sizings):
+        entries.append({"name": m.name, "spec": m.spec, "model_overrides": list(m.overrides),
+                        "overrides": sizing.overrides, "sizing": sizing.public()})
+    lineup = list(zip(specs, configs, entries))
     for budget, text in zip(budgets, budget_texts):
         for i, seed in enumerate(seeds):
             # each seed starts with the next model: a machine's speed drifts over a study (the
@@ -163,19 +202,23 @@ def build_plan(models: list[str], budgets: list[Budget], budget_texts: list[str]
             # rotating the order gives every model every position, so no model is always the
             # one that runs after the others (wall times and tokens/s are compared per seed)
             k = i % len(lineup)
-            for spec, cfg, entry in lineup[k:] + lineup[:k]:
+            for m, cfg, entry in lineup[k:] + lineup[:k]:
                 extra = entry["overrides"] + budget_overrides(budget, cfg.train.batch_size, cfg.train.seq_len) \
                     + [f"train.seed={seed}"]
-                plan_layout(resolve_config(spec, overrides + extra).validate_for_training(), nproc)
+                every = [*m.overrides, *overrides, *extra]
+                plan_layout(resolve_config(m.spec, every).validate_for_training(), nproc)
                 uid = f"{entry['name']}-s{seed}-{budget.label}"
                 units.append({"id": uid, "model": entry["name"], "seed": seed, "budget": text,
                               "budget_tokens": budget.tokens, "budget_seconds": budget.seconds,
-                              "run_dir": str(out_dir / "runs" / uid),
-                              "train_args": _model_args(spec) + sum((["--set", o] for o in overrides + extra), [])})
-    return {"version": PLAN_VERSION, "models": entries, "seeds": seeds, "budgets": budget_texts, "nproc": nproc,
+                              "run_dir": f"{RUNS_DIR}/{uid}",
+                              "train_args": _model_args(m.spec) + sum((["--set", o] for o in every), [])})
+    plan = {"version": PLAN_VERSION, "models": entries, "seeds": seeds, "budgets": budget_texts, "nproc": nproc,
             "budget_tokens": [b.tokens for b in budgets], "scaling": len(budgets) > 1,
             "match": match, "matching": describe_matching(sizings, match), "overrides": overrides,
             "units": units, "command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if reference is not None:
+        plan["reference"] = reference
+    return plan
 
 
 def write_json(path: Path, obj) -> None:
@@ -190,15 +233,46 @@ def write_plan(plan: dict, out_dir: Path) -> None:
 
 
 def load_plan(out_dir: Path) -> dict:
+    """The plan in ``out_dir``, every unit folder checked to resolve inside ``out_dir``. A version-2
+    plan (unit folders stored as the path the compare was started with) is read with each unit at
+    its place in this folder, ``runs/<unit id>``, where version 2 always put it."""
     path = out_dir / PLAN_FILE
     if not path.is_file():
         raise ConfigError(f"--resume {str(out_dir)!r}: not a compare folder (no {PLAN_FILE})")
-    plan = json.loads(path.read_text(encoding="utf-8"))
-    if plan.get("version") != PLAN_VERSION:
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable plan ({e}); start a new compare") from None
+    version = plan.get("version") if isinstance(plan, dict) else None
+    if version == 2:
+        for unit in plan["units"]:
+            unit["run_dir"] = f"{RUNS_DIR}/{unit['id']}"
+    elif version != PLAN_VERSION:
         raise ConfigError(f"--resume {str(out_dir)!r}: this compare was planned by an older moelab "
-                          f"(plan version {plan.get('version', 1)}, this one reads {PLAN_VERSION}); "
-                          f"start a new compare")
+                          f"(plan version {plan.get('version', 1) if isinstance(plan, dict) else '?'}, "
+                          f"this one reads {PLAN_VERSION}); start a new compare")
+    for unit in plan["units"]:
+        unit_dir(out_dir, unit)                    # refuse any entry outside the folder up front
     return plan
+
+
+def unit_dir(out_dir: Path, unit: dict) -> Path:
+    """The folder of ``unit``: its ``run_dir`` (relative to the compare folder) under ``out_dir``.
+    Absolute names, ``..`` and symlinks that lead outside ``out_dir`` are refused: an edited
+    compare.json must not make a compare train or read anywhere else."""
+    rel = unit.get("run_dir")
+    where = f"{out_dir / PLAN_FILE}: unit {unit.get('id', '?')!r} has run_dir = {rel!r}"
+    if not isinstance(rel, str) or not rel.strip():
+        raise ConfigError(f"{where}, which is not a folder name")
+    if Path(rel).is_absolute() or rel.startswith("~"):
+        raise ConfigError(f"{where}: unit folders are stored relative to the compare folder "
+                          f"(e.g. '{RUNS_DIR}/{unit.get('id', 'unit')}'), not as absolute paths")
+    root = out_dir.resolve()
+    path = (out_dir / rel).resolve()
+    if path == root or root not in path.parents:
+        raise ConfigError(f"{where}, which resolves outside the compare folder ({path}); "
+                          f"unit folders must stay inside {root}")
+    return path
 
 
 def headline_budget(plan: dict) -> str:

@@ -241,3 +241,44 @@ def expert_load_heatmap(m: ModelSummary, out_dir: Path) -> Optional[Path]:
     ax.set_title(f"{m.name}: share of tokens per expert (uniform = {1 / width:.3f})")
     fig.colorbar(im, ax=ax)
     return _save(fig, out_dir / f"expert_load_{m.name}.png")
+
+
+def measure_bars(measure: str, studies: dict, out_dir: Path) -> Path:
+    """A study's measure as grouped bars: variants along x (one group without variants), one bar
+    per model, ± sd over seeds."""
+    from moelab.compare import stats
+    from moelab.compare.answer import describe_measure, run_values
+    plt = _plt()
+    variants = list(studies)
+    models = []
+    for s in studies.values():
+        models += [m for m in s.models if m not in models]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(variants) + 2), 4.0), dpi=110)
+    width = 0.8 / len(models)
+    limits: list = []
+    for i, name in enumerate(models):
+        means, sds = [], []
+        for v in variants:
+            row = studies[v].by_budget[studies[v].headline].get(name)
+            vals = run_values(row, measure) if row is not None else []
+            means.append(np.nan if stats.mean(vals) is None else stats.mean(vals))
+            sds.append(0.0 if stats.sd(vals) is None else stats.sd(vals))
+        xs = np.arange(len(variants)) + (i - (len(models) - 1) / 2) * width
+        ax.bar(xs, means, width, yerr=sds, capsize=3, label=name, alpha=0.85)
+        for x, v in zip(xs, variants):                     # each seed, as a dot on its bar
+            row = studies[v].by_budget[studies[v].headline].get(name)
+            seeds = [y for y in (run_values(row, measure) if row is not None else []) if y is not None]
+            ax.plot([x] * len(seeds), seeds, "o", ms=3, color="black", alpha=0.6)
+        span = [m + d for m, d in zip(means, sds)] + [m - d for m, d in zip(means, sds)]
+        limits.extend(y for y in span if np.isfinite(y))
+    ax.set_xticks(range(len(variants)), [v or "all models" for v in variants])
+    if measure.startswith("val_loss") and limits:       # losses differ in the second decimal
+        lo, hi = min(limits), max(limits)
+        pad = 0.15 * (hi - lo) + 1e-3
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_ylabel(describe_measure(measure))
+    ax.set_title(f"{describe_measure(measure)}" + (" by variant" if len(variants) > 1 else "")
+                 + " (mean ± sd over seeds)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / f"study_{measure.replace('@', '_at_')}.png")

@@ -15,7 +15,8 @@ import torch
 from moelab.compare import plots, stats
 from moelab.compare.analysis import SPIKE_RATIO, SPIKE_WINDOW, ModelSummary, comparisons, read_study
 from moelab.compare.findings import all_findings, budget_words, scaling_section
-from moelab.compare.plan import write_json
+from moelab.compare.claim import default_study, measures_table, study_answer
+from moelab.compare.plan import unit_dir, write_json
 from moelab.runfolder import RUN_META_FILE
 
 
@@ -98,8 +99,9 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
     scaling = scaling_section(study, plan["budget_tokens"]) if plan["scaling"] else None
     lines = all_findings(study, comps, plan["matching"], plan["match"], scaling)
     rows = study.at()
-    unit0 = plan["units"][0]
-    meta = json.loads((Path(unit0["run_dir"]) / RUN_META_FILE).read_text(encoding="utf-8"))
+    meta = json.loads((unit_dir(out_dir, plan["units"][0]) / RUN_META_FILE).read_text(encoding="utf-8"))
+    spec = plan.get("study") or default_study(plan, study)
+    answer = study_answer(spec, study, budget_words(study.headline))
 
     figures = plots.loss_curves(study, out_dir) + plots.gap_curves(study, out_dir)
     if scaling is not None:
@@ -111,9 +113,14 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
         heat = plots.expert_load_heatmap(m, out_dir)
         if heat is not None:
             figures.append(heat)
+    if spec.get("name") and not spec.get("variant"):      # a study's own measures, as bars
+        figures += [plots.measure_bars(measure, {"": study}, out_dir) for measure in spec.get("report") or []]
 
     n = len(study.seeds)
     payload = {
+        "study": {"name": spec.get("name"), "file": spec.get("file"), "variant": spec.get("variant"),
+                  "question": spec["question"], "claim": spec.get("claim"), **answer.public(),
+                  "measured": spec.get("measured", ""), "budget_scale": spec.get("budget_scale", 1.0)},
         "seeds": study.seeds,
         "budget": study.headline,
         "budgets": study.budgets,
@@ -150,7 +157,8 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
         payload["inspect"] = routing
     write_json(out_dir / "results.json", payload)
     verdicts = {c.model: c for c in comps if c.budget == study.headline and c.measure == "val_loss"}
-    (out_dir / "report.md").write_text(_markdown(rows, verdicts, payload), encoding="utf-8")
+    (out_dir / "report.md").write_text(_markdown(rows, verdicts, payload, measures_table(spec, study)),
+                                       encoding="utf-8")
     return rows, payload, verdicts
 
 
@@ -161,7 +169,23 @@ def _md_table(columns, rows) -> str:
     return "\n".join([head, rule, *body])
 
 
-def _markdown(rows: list[ModelSummary], verdicts: dict, payload: dict) -> str:
+def study_header(study: dict) -> str:
+    """Title, question, claim and the short answer: what a report opens with."""
+    name = study.get("name")
+    title = f"# Study `{name}`" + (f", variant `{study['variant']}`" if study.get("variant") else "") \
+        if name else "# Dense vs MoE vs Hybrid-MoE"
+    lines = [title, "", f"**Question.** {study['question']}", ""]
+    claim = study.get("claim")
+    if claim:
+        anchor = f" Published: {claim['anchor']}" if claim.get("anchor") else ""
+        lines += [f"**Claim tested.** {claim['text']} ({claim['source']}).{anchor}", ""]
+    lines += ["## Answer", "", *study["answer_lines"], ""]
+    if study.get("budget_scale", 1.0) != 1.0:
+        lines += [f"Budgets scaled by --budget-scale {study['budget_scale']:g} from the study file's.", ""]
+    return "\n".join(lines)
+
+
+def _markdown(rows: list[ModelSummary], verdicts: dict, payload: dict, measures: str = "") -> str:
     corpus = payload["corpus"]
     figs = "\n".join(f"![{name}]({name})" for name in payload["figures"])
     findings_md = "\n".join(f"- {line}" for line in payload["findings"])
@@ -181,7 +205,9 @@ def _markdown(rows: list[ModelSummary], verdicts: dict, payload: dict) -> str:
         scaling = (f"\n## Scaling with tokens\n\nFinal validation loss (mean ± sd over seeds) per budget; "
                    f"{s['method']}.\n\n" + "\n".join([head, rule, *body]) + "\n\n"
                    + "\n".join(f"- {c['statement']}" for c in s["crossover"].values()) + "\n")
-    return f"""# Dense vs MoE vs Hybrid-MoE
+    measures_md = f"\n{measures}\n" if measures and payload["study"].get("name") else ""
+    return f"""{study_header(payload['study'])}{measures_md}
+## Results
 
 Command: `{payload['command']}`
 Budget: {budget_words(payload['budget'])} per model and seed (the table's budget){'; budgets ' + ', '.join(payload['budgets']) if len(payload['budgets']) > 1 else ''}.
@@ -192,6 +218,12 @@ Machine: {payload['machine']} ({payload['device']}), torch {payload['torch']}; l
 
 {_md_table(quality_columns(verdicts), rows)}
 
+## Inference (trained weights, same prompts, eager, greedy)
+
+{_md_table(INFERENCE_COLUMNS, rows)}
+{_comm_section(rows, payload)}{scaling}{_routing_section(payload)}
+## How to read the tables
+
 Numbers are means ± sd over the {len(seeds)} seed(s). Loss is validation cross-entropy in nats/token
 on held-out documents; "batch SE" is its standard error over the validation batches. "Gap, verdict"
 is the loss minus {payload['reference']}'s and the verdict of the rule: {payload['noise']['rule']}.
@@ -200,15 +232,11 @@ memory is measured (peak RSS above the pre-model level on CPU, allocator peak on
 analytic estimate in brackets. Router statistics are averaged over MoE layers and the last quarter
 of training. A spike is a step whose loss exceeds {payload['spike_rule'].split('loss > ')[1]}.
 
-## Inference (trained weights, same prompts, eager, greedy)
-
-{_md_table(INFERENCE_COLUMNS, rows)}
-
-Prefill: 8 prompts of up to 64 validation tokens in one forward; decode: up to 64 greedy steps with
+Inference: prefill: 8 prompts of up to 64 validation tokens in one forward; decode: up to 64 greedy steps with
 the KV cache at batch 1 and 8; median of 5 interleaved rounds. KV bytes at the model's dtype;
 "weights read" counts every weight a decode step touches (the experts its tokens were routed to,
 not the embedding table) divided by the tokens it decodes.
-{_comm_section(rows, payload)}{scaling}{_routing_section(payload)}
+
 ## What this run shows
 
 {findings_md}
@@ -277,6 +305,19 @@ def print_tables(rows: list[ModelSummary], payload: dict, verdicts: dict, out_di
         console.print(table)
     console.print("[bold]What this run shows[/bold]")
     for line in payload["findings"]:
-        console.print(f" - {line.replace('**', '')}", highlight=False)
+        console.print(f" - {line.replace('**', '')}", highlight=False, markup=False)
+    print_answer(payload["study"], console)
     console.print(f"report: {out_dir / 'report.md'}  (results.json and PNG figures beside it)")
+
+
+def print_answer(study: dict, console=None) -> None:
+    """The question and the short answer, last on the terminal where they stay in view."""
+    if console is None:
+        from rich.console import Console
+        console = Console(width=None if sys.stdout.isatty() else 240)
+    console.print("[bold]Question[/bold]: ", end="")
+    console.print(study["question"], highlight=False, markup=False)
+    console.print("[bold]Answer[/bold]")
+    for line in study["answer_lines"]:           # no markup: "[mix]" is text, not a style
+        console.print(" " + line.replace("**", ""), highlight=False, markup=False)
 

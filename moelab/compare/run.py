@@ -34,16 +34,16 @@ def unit_state(run_dir: str | Path) -> UnitState:
     return UnitState.NEW
 
 
-def train_command(unit: dict, state: UnitState, show_progress: bool | None, nproc: int = 1,
-                  extra: tuple[str, ...] = ()) -> list[str]:
-    """The ``moelab train`` argument list for a unit that still needs training (``extra``:
-    output options such as --quiet, --log-file F, --quiet-data)."""
+def train_command(unit: dict, run_dir: Path, state: UnitState, show_progress: bool | None,
+                  nproc: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``moelab train`` argument list for a unit that still needs training (``run_dir``: its
+    resolved folder; ``extra``: output options such as --quiet, --log-file F, --quiet-data)."""
     if state is UnitState.RESUMABLE:
-        args = ["train", "--resume", unit["run_dir"]]
+        args = ["train", "--resume", str(run_dir)]
     else:
         # a unit with no checkpoint yet may hold what a killed first start wrote (config,
         # metrics): nothing to keep, and `train --out` refuses such a folder without --overwrite
-        args = ["train", "--out", unit["run_dir"], "--overwrite", *unit["train_args"]]
+        args = ["train", "--out", str(run_dir), "--overwrite", *unit["train_args"]]
     if nproc > 1:
         args += ["--nproc", str(nproc)]
     if show_progress is False:
@@ -60,10 +60,12 @@ def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
     """Train every unit that is not finished; a failure stops the compare with a message that
     says how to continue. Every unit prepares the same data: only the first one trained here
     prints that preamble."""
+    from moelab.compare.plan import unit_dir
     units = plan["units"]
     trained = 0
     for i, unit in enumerate(units, 1):
-        state = unit_state(unit["run_dir"])
+        run_dir = unit_dir(out_dir, unit)
+        state = unit_state(run_dir)
         tag = f"[{i}/{len(units)}] {unit['id']}"
         if state is UnitState.FINISHED:
             log(f"{tag}: finished earlier, skipped")
@@ -71,7 +73,8 @@ def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
         log(f"{tag}: {'resuming from its last checkpoint' if state is UnitState.RESUMABLE else 'training'}"
             f" ({unit['model']}, seed {unit['seed']}, budget {unit['budget']})")
         extra = tuple(extra_args) + (("--quiet-data",) if trained else ())
-        code, stopped = _train(train_command(unit, state, show_progress, plan.get("nproc", 1), extra))
+        code, stopped = _train(train_command(unit, run_dir, state, show_progress, plan.get("nproc", 1),
+                                             extra))
         trained += 1
         if stopped:
             raise CompareStopped(f"compare stopped during {unit['id']} (its last checkpoint is kept); "

@@ -154,7 +154,7 @@ def train_and_follow(unit: dict, log_path: Path, on_eval: Callable[[dict], bool]
     state = unit_state(run_dir)              # the other process may have finished it meanwhile
     if state is UnitState.FINISHED:
         return train_and_follow(unit, log_path, on_eval, interrupts, log)
-    args = train_command(unit, state, show_progress=False)
+    args = train_command(unit, run_dir, state, show_progress=False)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pruned = False
     with open(log_path, "a", encoding="utf-8") as out:

@@ -40,8 +40,10 @@ def study(tmp_path_factory):
         yield out, json.loads((out / "results.json").read_text())
 
 
-def _summary(run_dir):
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+def _summary(run_dir, out=None):
+    """A unit's summary.json; ``run_dir`` is relative to the compare folder ``out``."""
+    folder = out / run_dir if out is not None else Path(run_dir)
+    return json.loads((folder / "summary.json").read_text())
 
 
 def test_results_hold_mean_sd_and_seeds_equal_to_the_run_folders(study):
@@ -51,7 +53,7 @@ def test_results_hold_mean_sd_and_seeds_equal_to_the_run_folders(study):
     assert list(models) == list(MODELS)
     for m in models.values():
         assert m["seeds"] == list(SEEDS) and len(m["run_dirs"]) == 2
-        summaries = [_summary(d) for d in m["run_dirs"]]
+        summaries = [_summary(d, out) for d in m["run_dirs"]]
         for key in ("val_loss", "tokens_per_s", "train_time_s", "total_params"):
             per_seed = [s[key] for s in summaries]
             assert m[f"{key}_seeds"] == per_seed
@@ -110,7 +112,7 @@ def test_scaling_section_and_figures(study):
         assert len(m["val_loss"]) == 2 and m["fit"] is None      # three budgets are needed for a fit
     runs = load_plan(out)["units"]
     for i, budget in enumerate(BUDGETS):
-        losses = [_summary(u["run_dir"])["val_loss"] for u in runs if u["model"] == "dense" and u["budget"] == budget]
+        losses = [_summary(u["run_dir"], out)["val_loss"] for u in runs if u["model"] == "dense" and u["budget"] == budget]
         assert s["models"]["dense"]["val_loss"][i] == pytest.approx(sum(losses) / 2)
         assert s["models"]["dense"]["val_loss_seeds"][i] == losses
     for name in ("val_loss_vs_tokens.png", "val_loss_vs_time.png", "gap_vs_tokens.png", "gap_vs_time.png",
@@ -149,8 +151,8 @@ def test_resume_skips_finished_units(study, capsys):
     out, _ = study
     plan = load_plan(out)
     victim = next(u for u in plan["units"] if u["id"] == "hybrid-s1338-2k")
-    (Path(victim["run_dir"]) / "summary.json").unlink()
-    kept = {u["id"]: (Path(u["run_dir"]) / "summary.json").stat().st_mtime_ns
+    (out / victim["run_dir"] / "summary.json").unlink()
+    kept = {u["id"]: (out / u["run_dir"] / "summary.json").stat().st_mtime_ns
             for u in plan["units"] if u is not victim}
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp:
@@ -161,8 +163,8 @@ def test_resume_skips_finished_units(study, capsys):
     assert "hybrid-s1338-2k: resuming" in printed or "hybrid-s1338-2k: training" in printed
     for u in plan["units"]:
         if u is not victim:
-            assert (Path(u["run_dir"]) / "summary.json").stat().st_mtime_ns == kept[u["id"]]
-    assert (Path(victim["run_dir"]) / "summary.json").is_file()
+            assert (out / u["run_dir"] / "summary.json").stat().st_mtime_ns == kept[u["id"]]
+    assert (out / victim["run_dir"] / "summary.json").is_file()
 
 
 def test_bad_compare_input_is_named(tmp_path, capsys):
@@ -198,3 +200,17 @@ def test_report_embeds_the_inspect_summary_of_each_sparse_model(study):
     s = results["inspect"]["hybrid"]
     assert s["moe_layers"] == 1 and s["tokens"] > 0 and s["max_normalized_load"] >= 1.0
     assert "## Routing" in (out / "report.md").read_text()
+
+
+def test_the_report_opens_with_the_question_and_a_short_answer(study):
+    out, results = study
+    s = results["study"]
+    assert s["question"].startswith("Which of dense, hybrid") and s["claim"]["text"]
+    assert s["answer"] and s["verdict"] in ("reproduces", "contradicts", "not resolvable at this budget") \
+        or s["verdict"].startswith(("partly", "mixed"))
+    headline = next(c for c in results["comparisons"] if c["budget"] == "2k" and c["measure"] == "val_loss")
+    assert f"{headline['gap']:+.4f}" in s["answer"] and f"±{headline['threshold']:.4f}" in s["answer"]
+    report = (out / "report.md").read_text()
+    top, rest = report.split("## Results", 1)
+    assert "## Answer" in top and s["answer_lines"][0] in top and "paired two-sided t-test" not in top
+    assert "What this run shows" in rest
