@@ -16,7 +16,7 @@ from moelab.config import ConfigError
 
 # command name -> module in moelab.commands exposing add_parser(subparsers)
 COMMANDS = ["presets", "info", "train", "eval", "convert", "compare", "generate", "bench", "plan",
-            "inspect"]
+            "inspect", "upcycle", "finetune"]
 
 
 class UserError(Exception):

@@ -44,6 +44,14 @@ def run(args) -> int:
         overrides.append("train.skip_nonfinite=true")
     command = "moelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
+        if args.resume and _is_adapter_run(args.resume):     # a LoRA fine-tune: resumed as one
+            from moelab.adapt.finetune import resume_finetune
+            if args.preset or args.config or args.init_from or args.nproc is not None:
+                raise_user("--resume continues a fine-tune with its own settings; drop "
+                           "--preset/--config/--init-from/--nproc")
+            resume_finetune(args.resume, overrides, strict_resume=args.strict_resume, command=command,
+                            show_progress=False if args.no_progress else None)
+            return 0
         if args.resume:
             if args.preset or args.config or args.init_from:
                 raise_user("--resume continues a run with its own config; drop --preset/--config/--init-from")
@@ -80,6 +88,11 @@ def run(args) -> int:
     except OSError as e:            # a full disk or unwritable folder outside a checkpoint save
         raise_user(f"{e.filename or 'a run file'}: {e.strerror or e}")
     return 0
+
+
+def _is_adapter_run(run_dir: str) -> bool:
+    from moelab.adapt.lora import is_adapter_folder
+    return is_adapter_folder(run_dir)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
