@@ -38,6 +38,11 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (units, sizes, matching) and stop before training")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
+    # upcycling arms (planned by moelab.adapt.arms): continue a finished dense run as dense and upcycled
+    p.add_argument("--from", dest="from_run", metavar="RUN",
+                   help="continue the finished dense RUN for --budget extra tokens as each arm of "
+                        "--models: dense,upcycle:E=8,K=2,method=drop (a scratch MoE of each shape is "
+                        "added); see docs/upcycle.md")
     p.set_defaults(func=run)
 
 
@@ -52,7 +57,7 @@ def _command() -> str:
 
 
 def _new_plan(args) -> tuple[dict, Path]:
-    from moelab.compare import DEFAULT_BUDGET
+    from moelab.compare import DEFAULT_BUDGET, DEFAULT_MATCH
     from moelab.compare.plan import PLAN_FILE, build_plan, parse_budget, parse_budgets
     if args.budget is not None and args.budgets is not None:
         raise_user("give --budget (one budget) or --budgets (several), not both")
@@ -68,8 +73,15 @@ def _new_plan(args) -> tuple[dict, Path]:
     out_dir = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out_dir / PLAN_FILE).exists() and not args.dry_run:
         raise_user(f"{str(out_dir)!r} already holds a compare; use --resume {out_dir}")
-    plan = build_plan(models, budgets, texts, args.seeds, args.match, args.overrides, out_dir, _command(),
-                      nproc=args.nproc)
+    if args.from_run:                                   # upcycling arms (moelab.adapt.arms)
+        from moelab.adapt.arms import continuation_plan
+        if args.budgets is not None or args.nproc != 1 or args.match != DEFAULT_MATCH:
+            raise_user("--from takes one --budget (extra tokens), one process and no --match")
+        plan = continuation_plan(args.models, args.from_run, args.budget, args.seeds, args.overrides,
+                                 out_dir, _command())
+    else:
+        plan = build_plan(models, budgets, texts, args.seeds, args.match, args.overrides, out_dir, _command(),
+                          nproc=args.nproc)
     try:
         plan["load_average"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -81,8 +93,9 @@ def _plan_options_given(args) -> list[str]:
     from moelab.compare import DEFAULT_MATCH, DEFAULT_MODELS, DEFAULT_SEEDS
     defaults = {"models": ",".join(DEFAULT_MODELS), "budget": None, "budgets": None,
                 "seeds": str(DEFAULT_SEEDS), "match": DEFAULT_MATCH, "out": None, "overrides": [],
-                "nproc": 1}
-    return [f"--{'set' if k == 'overrides' else k}" for k, v in defaults.items() if getattr(args, k) != v]
+                "nproc": 1, "from_run": None}
+    flags = {"overrides": "set", "from_run": "from"}
+    return [f"--{flags.get(k, k)}" for k, v in defaults.items() if getattr(args, k) != v]
 
 
 def run(args) -> int:
@@ -117,6 +130,9 @@ def run(args) -> int:
     try:
         if not args.resume:
             write_plan(plan, out_dir)
+        if plan.get("continuation"):                    # the upcycled folders its arms start from
+            from moelab.adapt.arms import prepare_arms
+            prepare_arms(plan, log=_log)
         run_units(plan, out_dir, show_progress=False if args.no_progress else None, log=_log)
         headline = [u for u in plan["units"] if u["budget"] == headline_budget(plan)]
         measure_units(out_dir, plan["units"], headline, log=_log)
