@@ -7,7 +7,7 @@ upcycle: a dense model pretrained on the built-in corpus, then ``moelab compare 
 continued, copy-upcycled, Drop-Upcycled (r = 0.5) for the same extra tokens, and a from-scratch
 MoE of the same shape for the dense tokens plus the extra ones, at 3 seeds. Writes
 ``study.json``: per arm and seed the final validation loss (equal extra tokens) and the loss at
-equal wall-clock (the dense continuation's training time of that seed), with paired t-tests
+equal wall-clock (the shortest continuation's training time in that seed), with paired t-tests
 (moelab.compare.stats) of every arm against dense and of drop against copy.
 
 finetune: an MoE pretrained on the built-in corpus without the ``email`` package, then fine-tuned
@@ -124,18 +124,18 @@ def upcycle_study(out: Path, size: dict) -> dict:
             "val_loss": s["val_loss"], "tokens": s["tokens"], "train_time_s": s["train_time_s"],
             "tokens_per_s": s["tokens_per_s"], "curve": eval_curve(run)}
     seeds = plan["seeds"]
-    for seed in seeds:                      # equal wall-clock: the dense continuation's time
-        budget_s = rows["dense"][seed]["train_time_s"]
+    for seed in seeds:      # equal wall-clock: the shortest continuation of the seed (as compare)
+        budget_s = min(rows[a][seed]["train_time_s"] for a in rows if not a.startswith("scratch"))
         for arm in rows:
             c = rows[arm][seed]["curve"]
-            rows[arm][seed]["val_loss_at_dense_time"] = interpolate(
+            rows[arm][seed]["val_loss_at_equal_time"] = interpolate(
                 [e["elapsed_s"] for e in c], [e["val_loss"] for e in c], budget_s)
             rows[arm][seed]["first_eval"] = c[0]["val_loss"] if c else None
     names = list(rows)
     copy_name = next(n for n in names if n.startswith("upcycle-copy"))
     drop_name = next(n for n in names if n.startswith("upcycle-drop"))
     verdicts = {}
-    for key in ("val_loss", "val_loss_at_dense_time"):
+    for key in ("val_loss", "val_loss_at_equal_time"):
         for arm in names:
             if arm != "dense":
                 gaps = [rows[arm][s][key] - rows["dense"][s][key] for s in seeds
