@@ -87,11 +87,16 @@ def finetune_config(base: Union[str, Path], corpus: str, overrides: list[str]) -
     return cfg.validate_for_training()
 
 
-def _one_process(cfg: Config) -> None:
+def _supported(cfg: Config) -> None:
+    """What LoRA runs refuse: several processes and torch.compile (neither is wired or tested
+    with peft's wrappers)."""
     from moelab.parallel.layout import layout_from_env
     if layout_from_env(cfg).distributed:
         raise ConfigError("moelab finetune runs in one process: LoRA over FSDP2 / expert "
                           "parallelism is not supported; run it without torchrun / --nproc")
+    if cfg.train.compile:
+        raise ConfigError("train.compile = true is not supported by moelab finetune (LoRA layers "
+                          "are not wired for torch.compile); set train.compile=false")
 
 
 def finetune(base: Union[str, Path], spec: LoraSpec, corpus: str, out: Union[str, Path],
@@ -110,7 +115,7 @@ def finetune(base: Union[str, Path], spec: LoraSpec, corpus: str, out: Union[str
     if spec.alpha is not None and not spec.alpha > 0:
         raise ConfigError(f"--lora-alpha = {spec.alpha} is invalid: must be > 0")
     cfg = finetune_config(base, corpus, list(overrides or []))
-    _one_process(cfg)
+    _supported(cfg)
     resolve_targets(build_on_meta(cfg.model), spec)          # refuse bad targets before any data work
     out = Path(out)
     if checkpoint_dirs(out) or (out / ADAPTER_CONFIG_FILE).exists():
@@ -134,7 +139,7 @@ def resume_finetune(out: Union[str, Path], overrides: Optional[list[str]] = None
     require_peft()
     out = Path(out)
     cfg = resume_config(out, list(overrides or []))
-    _one_process(cfg)
+    _supported(cfg)
     base_path = base_of(out, base)
     summary = train(cfg, out, resume=True, strict_resume=strict_resume, init_from=base_path,
                     command=command, show_progress=show_progress, log=log,

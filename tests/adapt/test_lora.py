@@ -185,3 +185,32 @@ def test_without_peft_the_command_exits_2_naming_the_extra(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "peft", None)                     # import peft now fails
     assert main(["finetune", str(tmp_path), "--lora-rank", "4", "--corpus", "x", "--out", str(tmp_path / "o")]) == 2
     assert "moelab[finetune]" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_gives_the_same_adapter_gradients():
+    def grads(checkpointing):
+        _, model = _hybrid()
+        pm = apply_lora(model, LoraSpec(rank=4, targets=ALL, explicit=True))
+        _randomise_adapters(pm)
+        pm.train()
+        pm.get_base_model().activation_checkpointing = checkpointing
+        x = _tokens()
+        out = pm(x, targets=x)
+        (out.loss + out.aux_loss).backward()
+        return {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    plain, replayed = grads(False), grads(True)
+    assert plain.keys() == replayed.keys() and all(torch.equal(plain[k], replayed[k]) for k in plain)
+
+
+@pytest.mark.parametrize("env,extra,words", [
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, [], "runs in one process"),
+    ({}, ["train.compile=true"], "train.compile = true is not supported"),
+])
+def test_unsupported_runs_are_refused_by_name(env, extra, words, tmp_path, tokenizer_json, corpus_dir, monkeypatch):
+    from moelab.adapt.finetune import finetune
+    base = make_run(tmp_path / "base", tiny_cfg("dense"), tokenizer_json)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=words):
+        finetune(base, LoraSpec(rank=4), str(corpus_dir), tmp_path / "ft", extra)
+    assert not (tmp_path / "ft").exists()
