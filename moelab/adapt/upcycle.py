@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moelab.config import Config, ConfigError, ModelConfig, MoEConfig
+from moelab.config import Config, ConfigError, ModelConfig
 
 METHODS = ("copy", "drop")
 ROUTER_INITS = ("normal", "zero")
@@ -310,7 +310,7 @@ def upcycle(source: str | Path, opts: UpcycleOptions, out: str | Path, command: 
     from moelab.accounting import describe
     from moelab.fileio import write_json, write_text_atomic
     from moelab.lock import FolderLock
-    from moelab.runfolder import (RUN_META_FILE, TOKENIZER_FILE, CheckpointError, is_hf_folder, load,
+    from moelab.runfolder import (RUN_META_FILE, TOKENIZER_FILE, is_hf_folder, load,
                                   read_config, resolve, save)
 
     out = Path(out)
