@@ -44,7 +44,7 @@ SIZES = {
         "model": ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.ffn_hidden=512"],
         "train": ["train.batch_size=8", "train.seq_len=128", "train.eval_batches=8", "train.log_every=10"],
         "data": [],
-        "pretrain": 600_000, "extra": "300k", "seeds": 3, "finetune": 100_000, "tokens_per_step": 1024,
+        "pretrain": 600_000, "extra": "200k", "seeds": 3, "finetune": 100_000, "tokens_per_step": 1024,
         "moe": ["model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.expert_hidden=256"],
         "experts": 8, "top_k": 2,
     },
