@@ -268,13 +268,55 @@ def finetune_study(out: Path, size: dict) -> dict:
     return result
 
 
+def _ms(values: list[float], fmt: str = "{:.4f}") -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{fmt.format(mean)} ± {fmt.format(sd)}"
+
+
+def render(result: dict) -> str:
+    """Markdown tables of a study.json (what the docs quote)."""
+    lines = []
+    arms = result["arms"]
+    if result["study"] == "upcycle":
+        keys = [("val_loss", "val loss (equal extra tokens)"), ("val_loss_at_equal_time", "val loss at equal time"),
+                ("first_eval", "val loss at step 0"), ("tokens", "tokens"), ("train_time_s", "train s"),
+                ("tokens_per_s", "tokens/s")]
+    else:
+        keys = [("held_out_val_loss", "held-out (email) val loss"), ("pretrain_domain_val_loss", "pretraining-domain val loss"),
+                ("trainable_params", "trainable params"), ("train_time_s", "train s"), ("tokens_per_s", "tokens/s")]
+    lines.append("| arm | " + " | ".join(k[1] for k in keys) + " |")
+    lines.append("|---|" + "---|" * len(keys))
+    for arm, by in arms.items():
+        cells = []
+        for key, _ in keys:
+            vals = [r[key] for r in by.values()]
+            fmt = "{:,.0f}" if key in ("tokens", "trainable_params", "tokens_per_s") else \
+                "{:.1f}" if key == "train_time_s" else "{:.4f}"
+            cells.append(_ms(vals, fmt))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| paired comparison (over seeds) | mean gap | t x SE | verdict |")
+    lines.append("|---|---|---|---|")
+    for name, v in result["verdicts"].items():
+        if v:
+            lines.append(f"| {name} | {v['gap']:+.4f} | {v['threshold']:.4f} | {v['verdict']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("study", choices=("upcycle", "finetune"))
+    p.add_argument("study", choices=("upcycle", "finetune", "render"))
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="minutes-long smoke sizes, not the documented study")
     args = p.parse_args()
     out = Path(args.out).resolve()
+    if args.study == "render":
+        print(render(json.loads((out / "study.json").read_text())))
+        return
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES["tiny" if args.tiny else "full"]
     result = (upcycle_study if args.study == "upcycle" else finetune_study)(out, size)

@@ -61,6 +61,9 @@ def run(args) -> int:
         else:
             args.overrides = overrides
             cfg = config_from_args(args)
+            if args.init_from and _is_adapter_run(args.init_from):
+                raise_user(f"--init-from {args.init_from!r} is a LoRA adapter folder: start from its "
+                           f"merged weights instead ({args.init_from}/merged, written by moelab finetune --merge)")
             if args.init_from:
                 # the weights come with their model config and, unless data.tokenizer says
                 # otherwise, their tokenizer: token ids must mean what the embeddings learned
