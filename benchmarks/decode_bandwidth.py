@@ -19,7 +19,9 @@ and measures, in one run, interleaved so that load drifts hit every variant alik
 - batch-1 greedy decode tokens/s of moelab in bf16 and in int8 weight-only (``quantize="int8"``),
   of Hugging Face ``generate`` on the same weights in bf16 (copied by ``moelab.interop.hf.
   to_transformers``), and of llama.cpp (``llama-cpp-python``) on the same weights exported to GGUF
-  with the ``gguf`` package at bf16 (and Q8_0 beside int8), when it is installed;
+  by moelab's exporter (``moelab.interop.gguf``, the product's ``moelab convert --to-gguf``) at
+  bf16 (and Q8_0 beside int8) and run by moelab's llama.cpp engine (``moelab.interop.llamacpp``,
+  the product's ``moelab generate --engine llama.cpp``), when the gguf extra is installed;
 - the bandwidth limit: bandwidth / bf16 bytes of the weights one token reads (all attention and
   norm weights, the router, top-k experts, the LM head and one embedding row; the KV cache is left
   out, at these context lengths it is under 1% of the bytes), and every speed as a fraction of it.
@@ -191,82 +193,16 @@ def llamacpp_available() -> Optional[str]:
     return None
 
 
-def export_gguf(model, path: Path, kind: str) -> None:
-    """Write ``model`` (OLMoE-shaped, MHA) as a llama.cpp "olmoe" GGUF. ``kind``: "bf16" keeps the
-    bf16 weights bit for bit; "q8_0" quantises the matrices to llama.cpp's Q8_0 (a scale per 32
-    weights), its int8 format. Norms and the router stay float32, as llama.cpp's converter keeps
-    1-D and router tensors. No tokenizer: the vocabulary is declared as token ids only."""
-    import gguf
-    import numpy as np
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "olmoe")
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.d_model)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.moe.expert_hidden)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_expert_count(cfg.moe.num_experts)
-    w.add_expert_used_count(cfg.moe.top_k)
-    w.add_tokenizer_model("none")
-    w.add_vocab_size(cfg.vocab_size)
-    matrix = gguf.GGMLQuantizationType.BF16 if kind == "bf16" else gguf.GGMLQuantizationType.Q8_0
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if kind == "bf16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-
-    def add(name: str, t: torch.Tensor, as_matrix: bool = True) -> None:
-        t = t.detach().contiguous()
-        if not as_matrix:
-            w.add_tensor(name, t.float().numpy())
-        elif kind == "bf16":
-            w.add_tensor(name, t.to(torch.bfloat16).view(torch.uint16).numpy(), raw_dtype=matrix)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(t.float().numpy(), matrix), raw_dtype=matrix)
-
-    H = cfg.moe.expert_hidden
-    add("token_embd.weight", model.embed.weight)
-    add("output_norm.weight", model.norm.weight, as_matrix=False)
-    add("output.weight", model.lm_weight)
-    for i, blk in enumerate(model.blocks):
-        p = f"blk.{i}."
-        add(p + "attn_norm.weight", blk.attn_norm.weight, as_matrix=False)
-        add(p + "attn_qkv.weight", blk.attn.qkv.weight)
-        add(p + "attn_output.weight", blk.attn.out.weight)
-        add(p + "attn_q_norm.weight", blk.attn.q_norm.weight, as_matrix=False)
-        add(p + "attn_k_norm.weight", blk.attn.k_norm.weight, as_matrix=False)
-        add(p + "ffn_norm.weight", blk.ffn_norm.weight, as_matrix=False)
-        add(p + "ffn_gate_inp.weight", blk.ffn.router.gate, as_matrix=False)
-        gate_up = blk.ffn.experts.w_gate_up                                   # (E, 2H, D)
-        add(p + "ffn_gate_exps.weight", gate_up[:, :H])
-        add(p + "ffn_up_exps.weight", gate_up[:, H:])
-        add(p + "ffn_down_exps.weight", blk.ffn.experts.w_down)               # (E, D, H)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    del np
-
-
-def llamacpp(path: Path, prompt: list[int], threads: int):
-    """A Runner function over llama.cpp with greedy arg-max decoding, and the model to close."""
-    import llama_cpp
-    import numpy as np
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=64, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    n_vocab = llm.n_vocab()
-
-    def run(n: int) -> list[int]:
-        llm.reset()
-        llm.eval(prompt)
-        out = []
-        for i in range(n):
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
-            out.append(int(logits.argmax()))
-            if i < n - 1:
-                llm.eval([out[-1]])
-        return out
-    return run, llm
+def llamacpp(model, path: Path, kind: str, prompt: list[int], threads: int):
+    """Export ``model`` with the product's exporter (``moelab.interop.gguf.export_gguf``: "olmoe"
+    for this shape; bf16 keeps the weights bit for bit, q8_0 is gguf's Q8_0, norms and router stay
+    float32) and open it in the product's engine (``moelab.interop.llamacpp.LlamaCpp``); returns a
+    Runner function (greedy arg-max decoding) and the engine to close."""
+    from moelab.interop.gguf import export_gguf
+    from moelab.interop.llamacpp import LlamaCpp
+    export_gguf(model, path, type=kind)
+    engine = LlamaCpp(path, 512, threads=threads, n_batch=64)
+    return (lambda n: engine.greedy(prompt, n)), engine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,13 +247,12 @@ def measure_model(cfg, family: str, args, device, bandwidth: list[float], notes:
         with tempfile.TemporaryDirectory(prefix="moelab-gguf-") as tmp:
             for kind, name in (("bf16", "llamacpp_bf16"), ("q8_0", "llamacpp_q8_0")):
                 path = Path(tmp) / f"model-{kind}.gguf"
-                export_gguf(model, path, kind)
-                run, llm = llamacpp(path, prompt[0].tolist(), torch.get_num_threads())
+                run, engine = llamacpp(model, path, kind, prompt[0].tolist(), torch.get_num_threads())
                 lc = Runner(name, run)
                 print(f"  ours bf16 vs llama.cpp {kind} ...", flush=True)
                 interleave([bf16, lc], args.new_tokens, args.repeats, device, bandwidth)
-                llm.close()
-                del run, llm
+                engine.close()
+                del run, engine
                 path.unlink()
                 runners.append(lc)
     for r in runners:

@@ -11,22 +11,28 @@ no routing or token movement. Implementations measured, on the same input, outpu
   ``experts_implementation`` set to "eager" (loop over hit experts) or "grouped_mm";
 - ``dense``: ``moelab.model.ffn.SwiGLU(D, K*H)``.
 
-Timing: rounds interleave the implementations (one call each per round), so a slow spell on a
-shared machine hits all of them; we report medians and the median of per-round ratios.
+Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (blocks of calls, CUDA synchronised,
+torch's thread count), in rounds that interleave the implementations, so a slow spell on a shared
+machine hits all of them. Each implementation reports the median and interquartile range of its
+per-call times over every block of every round; ratios are the median of per-round ratios.
 Memory: the peak of bytes held by PyTorch's CPU allocator during one step, above what was held
 before it (inputs and weights excluded, gradients of weights included), from the allocation and
-free events of ``torch.profiler`` with ``profile_memory=True``. On CUDA we use
-``torch.cuda.max_memory_allocated`` the same way. Benchmarks report; they never assert speed.
+free events of ``torch.profiler`` with ``profile_memory=True`` (its native log lines are kept off
+the console). On CUDA we use ``torch.cuda.max_memory_allocated`` the same way. Benchmarks report;
+they never assert speed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -100,8 +106,9 @@ def hf_mixtral_block(moe: MoE, experts_implementation: str) -> Optional[nn.Modul
     """transformers' MixtralSparseMoeBlock with ``moe``'s router and expert weights copied in
     (both use the (E, 2H, D) gate-first / (E, D, H) layouts); None without transformers."""
     try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        with native_output_silenced():     # optional native kernels of other packages announce themselves
+            from transformers import MixtralConfig
+            from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
     E, D = moe.experts.w_gate_up.shape[0], moe.d_model
@@ -160,23 +167,41 @@ def check_agreement(impls: list[Impl], x: torch.Tensor, grad: torch.Tensor,
     return errors
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@contextlib.contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """Send what C++ code prints to stdout/stderr (the profiler's kineto lines) to /dev/null."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
 def time_impls(impls: list[Impl], x: torch.Tensor, grad: torch.Tensor, mode: str,
-               rounds: int = 7, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per step for each implementation, interleaved round by round."""
-    times: dict[str, list[float]] = {i.name: [] for i in impls}
-    for r in range(warmup + rounds):
+               rounds: int = 7, warmup: int = 2, min_run_time: float = 0.05) -> dict[str, list]:
+    """Per implementation, one ``torch.utils.benchmark`` Measurement per round (each a
+    ``blocked_autorange`` of at least ``min_run_time`` seconds), rounds interleaved; ``warmup``
+    untimed calls of each first."""
+    from torch.utils import benchmark
+    for _ in range(warmup):
         for impl in impls:
-            _sync(x.device)
-            t0 = time.perf_counter()
             step(impl, x, grad, mode)
-            _sync(x.device)
-            if r >= warmup:
-                times[impl.name].append(time.perf_counter() - t0)
+    timers = {impl.name: benchmark.Timer(stmt="step(impl, x, grad, mode)", label=mode, sub_label=impl.name,
+                                         globals={"step": step, "impl": impl, "x": x, "grad": grad, "mode": mode},
+                                         num_threads=torch.get_num_threads())
+              for impl in impls}
+    times: dict[str, list] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.blocked_autorange(min_run_time=min_run_time))
     return times
 
 
@@ -195,7 +220,7 @@ def peak_bytes(impl: Impl, x: torch.Tensor, grad: torch.Tensor, mode: str) -> in
         del out
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_output_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = step(impl, x, grad, mode)
         del out
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -213,7 +238,7 @@ def peak_bytes(impl: Impl, x: torch.Tensor, grad: torch.Tensor, mode: str) -> in
 
 def measure(shape: Shape, rounds: int = 7, warmup: int = 2, device: str = "cpu",
             dtype: torch.dtype = torch.float32, hf: bool = True, memory: bool = True,
-            backend: str = "auto", seed: int = 0) -> dict:
+            backend: str = "auto", seed: int = 0, min_run_time: float = 0.05) -> dict:
     """Agreement check, then timing of every mode, then peak memory of fwd+bwd. Returns a
     JSON-ready dict: medians in ms, ratios to dense and to each HF implementation."""
     impls = build_impls(shape, device, dtype, seed, hf, backend)
@@ -226,7 +251,7 @@ def measure(shape: Shape, rounds: int = 7, warmup: int = 2, device: str = "cpu",
     result = {"shape": asdict(shape), "dtype": str(dtype).replace("torch.", ""), "max_abs_diff": errors,
               "modes": {}}
     for mode in MODES:
-        times = time_impls(impls, x, grad, mode, rounds, warmup)
+        times = time_impls(impls, x, grad, mode, rounds, warmup, min_run_time)
         result["modes"][mode] = summarise(times)
     if memory:
         mem = {i.name: peak_bytes(i, x, grad, "fwd+bwd") for i in impls}
@@ -239,16 +264,29 @@ def measure(shape: Shape, rounds: int = 7, warmup: int = 2, device: str = "cpu",
     return result
 
 
-def summarise(times: dict[str, list[float]]) -> dict:
-    """Median ms per implementation, and median per-round ratios of each to dense and of each HF
-    implementation to moelab (>1 = moelab faster)."""
-    out = {"median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}}
+def summarise(times: dict[str, list]) -> dict:
+    """Per implementation, the median and IQR in ms of its per-call times (all blocks of all
+    rounds, merged); the median per-round ratio of each to dense (``x_dense``, > 1 = slower than
+    dense) and of each HF implementation's time to moelab's (``speedup_vs``, > 1 = moelab faster)."""
+    from torch.utils.benchmark import Measurement
+    merged = {k: Measurement.merge(v)[0] for k, v in times.items()}
+    out = {"median_ms": {k: 1e3 * m.median for k, m in merged.items()},
+           "iqr_ms": {k: 1e3 * m.iqr for k, m in merged.items()},
+           "calls": {k: sum(len(r.times) * r.number_per_run for r in v) for k, v in times.items()}}
+    per_round = {k: [r.median for r in v] for k, v in times.items()}
     if "dense" in times:
-        out["x_dense"] = {k: _median_ratio(v, times["dense"]) for k, v in times.items() if k != "dense"}
+        out["x_dense"] = {k: _median_ratio(v, per_round["dense"]) for k, v in per_round.items() if k != "dense"}
     if "moelab" in times:
-        out["speedup_vs"] = {k: _median_ratio(v, times["moelab"]) for k, v in times.items()
+        out["speedup_vs"] = {k: _median_ratio(v, per_round["moelab"]) for k, v in per_round.items()
                              if k.startswith("hf_")}
     return out
+
+
+def faster_or_slower(ratio: float) -> str:
+    """``other time / our time`` in words: 2.40 -> "2.40x faster", 0.41 -> "2.44x slower"."""
+    if ratio >= 1:
+        return f"{ratio:.2f}x faster"
+    return f"{1 / ratio:.2f}x slower"
 
 
 def _median_ratio(a: list[float], b: list[float]) -> float:
@@ -271,18 +309,19 @@ def _transformers_version() -> Optional[str]:
 
 
 def format_table(results: list[dict]) -> str:
-    """Markdown table: one row per shape and mode."""
+    """Markdown table: one row per shape and mode; times as median ± IQR."""
     names = [n for n in results[0]["modes"]["fwd+bwd"]["median_ms"] if n != "dense"]
-    head = ["shape (N, H, E, K)", "mode", "dense ms"] + [f"{n} ×dense" for n in names] + \
-        [f"moelab vs {n}" for n in names if n.startswith("hf_")] + ["peak MB moelab / dense / budget"]
+    head = ["shape (N, H, E, K)", "mode", "dense ms (± IQR)"] + [f"{n} ms (± IQR)" for n in names] + \
+        [f"{n} ×dense" for n in names] + [f"moelab vs {n}" for n in names if n.startswith("hf_")] + \
+        ["peak MB moelab / dense / budget"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s = r["shape"]
         label = f"{s['tokens']}, {s['expert_hidden']}, {s['experts']}, {s['top_k']}"
         for mode, m in r["modes"].items():
-            row = [label, mode, f"{m['median_ms']['dense']:.1f}"]
+            row = [label, mode] + [_ms(m, n) for n in ["dense"] + names]
             row += [f"{m['x_dense'][n]:.2f}×" for n in names]
-            row += [f"{m['speedup_vs'][n]:.2f}× faster" for n in names if n.startswith("hf_")]
+            row += [faster_or_slower(m["speedup_vs"][n]) for n in names if n.startswith("hf_")]
             if mode == "fwd+bwd" and "peak_mb" in r:
                 p = r["peak_mb"]
                 row.append(f"{p['moelab']:.4g} / {p['dense']:.4g} / {r['memory_budget_mb']:.4g}")
@@ -290,6 +329,10 @@ def format_table(results: list[dict]) -> str:
                 row.append("")
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _ms(m: dict, name: str) -> str:
+    return f"{m['median_ms'][name]:.3g} ± {m['iqr_ms'][name]:.2g}"
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -48,6 +48,7 @@ DropPolicy = Literal["position", "score"]
 RopeKind = Literal["default", "linear", "llama3", "yarn"]
 BalanceScope = Literal["micro", "global"]
 Objective = Literal["clm", "mlm"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 ROUTER_KINDS = typing.get_args(RouterKind)
 # Routers whose choice for one token depends on the other tokens of its batch or sequence (expert
@@ -70,14 +71,18 @@ class MoEConfig:
     DeepSeek's ``first_k_dense_replace``.
     """
 
+    # Which layers are MoE: "all" (then first_dense and every apply), "none" (a dense model) or a
+    # list of layer indices
     layers: Union[str, tuple[int, ...]] = "all"
-    every: int = 1
-    first_dense: int = 0
-    num_experts: int = 8
+    every: int = 1                    # with layers = "all": every every-th layer is MoE (2 = GLaM/Switch)
+    first_dense: int = 0              # with layers = "all": this many leading layers stay dense
+    num_experts: int = 8              # routed experts per MoE layer
     # One count per MoE layer, in layer order (DeepSpeed PR-MoE pyramid); None = num_experts each.
     num_experts_per_layer: Optional[tuple[int, ...]] = None
-    top_k: int = 2
-    expert_hidden: int = 512
+    top_k: int = 2                    # experts each token is sent to
+    expert_hidden: int = 512          # hidden width of each routed expert's SwiGLU
+    # How experts are scored: "softmax" (top-k over softmax probabilities), "noisy" (learned noise
+    # added to the logits in training, Shazeer et al. 2017), "sigmoid" (DeepSeek-V3 affinities)
     router: RouterKind = "softmax"
     # Renormalise the top-k weights to sum to one (Mixtral). Applies for top_k > 1 only: a top-1
     # weight stays the router probability (Switch), since a constant 1 would give the router no
@@ -85,11 +90,13 @@ class MoEConfig:
     renormalize: bool = True
     routed_scaling: float = 1.0       # DeepSeek routed_scaling_factor, applied to routed weights
     n_groups: int = 1                 # group-limited routing (DeepSeek-V2/V3); 1 = off
-    topk_groups: int = 1
+    topk_groups: int = 1              # groups each token may use (DeepSeek topk_group)
     group_score: GroupScore = "max"   # V2 scores a group by its best expert, V3 by its top-2 sum
     bias_update_rate: float = 0.0     # DeepSeek-V3 aux-loss-free balancing speed (gamma); 0 = off
     capacity_factor: Optional[float] = None       # None = dropless (training)
     eval_capacity_factor: Optional[float] = None  # None = dropless in eval / generation
+    # With a capacity: which assignments are dropped first when an expert is over capacity,
+    # "position" (later tokens in the batch, Switch) or "score" (lowest router weight)
     drop_policy: DropPolicy = "position"
     aux_loss_coef: float = 0.01       # Switch load-balancing loss
     seq_aux_loss_coef: float = 0.0    # DeepSeek-V3 sequence-wise balance loss
@@ -99,7 +106,7 @@ class MoEConfig:
     # all-reduced before the loss, Qiu et al. 2025, "Demons in the Detail"). In one process the
     # two are the same; "global" is what makes an N-process run equal the 1-process run.
     balance_scope: BalanceScope = "global"
-    num_shared_experts: int = 0
+    num_shared_experts: int = 0       # always-on experts every token goes through (DeepSeekMoE)
     shared_expert_hidden: Optional[int] = None  # per shared expert; None = expert_hidden
     shared_expert_gate: bool = False  # Qwen2-MoE sigmoid gate on the shared expert
 
@@ -108,11 +115,11 @@ class MoEConfig:
 class MLAConfig:
     """Multi-head Latent Attention sizes (DeepSeek-V2): compressed KV, optional low-rank Q."""
 
-    kv_lora_rank: int = 64
-    q_lora_rank: Optional[int] = None
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
+    kv_lora_rank: int = 64                # width of the compressed KV latent (what the cache holds)
+    q_lora_rank: Optional[int] = None     # low-rank query compression width; none = full-rank queries
+    qk_nope_head_dim: int = 32            # per-head query/key width without RoPE
+    qk_rope_head_dim: int = 16            # per-head width of the decoupled RoPE query/key part
+    v_head_dim: int = 32                  # per-head value width
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,13 +136,15 @@ class RopeScalingConfig:
     the scaling applies at every position, as in the released models.
     """
 
-    kind: RopeKind = "default"
-    factor: float = 1.0
+    kind: RopeKind = "default"                   # "default" = plain RoPE, else one of the scalings above
+    factor: float = 1.0                          # context extension factor (new / original length)
     original_max_seq_len: Optional[int] = None   # llama3 / yarn: the pre-training context
-    low_freq_factor: float = 1.0                 # llama3
-    high_freq_factor: float = 4.0                # llama3
-    beta_fast: float = 32.0                      # yarn
-    beta_slow: float = 1.0                       # yarn
+    # llama3: wavelengths above original_max_seq_len / low_freq_factor are divided by factor
+    low_freq_factor: float = 1.0
+    # llama3: wavelengths below original_max_seq_len / high_freq_factor keep their frequency
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0                      # yarn: rotations where the ramp ends (faster dims kept)
+    beta_slow: float = 1.0                       # yarn: rotations where the ramp starts (slower dims interpolated)
     mscale: float = 0.0                          # yarn (DeepSeek); 0 = unset
     mscale_all_dim: float = 0.0                  # yarn (DeepSeek); 0 = unset
     attention_factor: Optional[float] = None     # yarn: None = derived from factor (and mscales)
@@ -144,26 +153,28 @@ class RopeScalingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    vocab_size: int = 4096
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    """The transformer: sizes, attention, positions, and which FFN each layer gets (``moe``)."""
+
+    vocab_size: int = 4096             # embedding rows; a trained BPE gets at most this many tokens
+    d_model: int = 256                 # residual stream width
+    n_layers: int = 4                  # transformer blocks
+    n_heads: int = 4                   # query heads
     n_kv_heads: Optional[int] = None   # None = n_heads (MHA); 1 = MQA
     head_dim: Optional[int] = None     # None = d_model // n_heads
     ffn_hidden: int = 704              # dense SwiGLU width
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
+    max_seq_len: int = 256             # longest sequence the model (and its KV cache) handles
+    rope_theta: float = 10000.0        # RoPE base frequency
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    attention: AttentionKind = "gqa"
+    norm_eps: float = 1e-5             # RMSNorm epsilon
+    tie_embeddings: bool = False       # the LM head reuses the input embedding matrix
+    attention: AttentionKind = "gqa"   # "gqa" (grouped-query; MHA/MQA as cases) or "mla" (DeepSeek-V2)
     attn_bias: bool = False            # bias on q/k/v projections (Qwen2)
     qk_norm: QKNorm = "none"           # RMSNorm on q and k: per head (Qwen3) or whole (OLMoE)
-    init_std: float = 0.02
+    init_std: float = 0.02             # standard deviation of the normal weight initialisation
     # Causal (decoder) attention; false = bidirectional (an encoder, BERT-style, for train.objective
     # = "mlm"). Generation and the KV cache need a causal model.
     causal: bool = True
-    mla: MLAConfig = field(default_factory=MLAConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)     # used when attention = "mla"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     # ---- derived, used by the model and accounting ----
@@ -198,36 +209,45 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    max_steps: int = 200
+    """The training loop: budget, batch, AdamW with warmup + cosine, evaluation, checkpoints and
+    logging. The run stops at the first budget reached (steps, tokens or minutes)."""
+
+    max_steps: int = 200               # stop after this many optimiser steps
     max_tokens: Optional[int] = None   # stop after this many training tokens
     max_minutes: Optional[float] = None  # stop after this much wall-clock time
-    batch_size: int = 8
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 1337
-    eval_every: int = 50
-    eval_batches: int = 8
-    save_every: int = 100
+    batch_size: int = 8                # sequences per optimiser step, over all processes (global batch)
+    seq_len: int = 128                 # tokens per training sequence (<= model.max_seq_len)
+    grad_accum: int = 1                # micro-batches accumulated per optimiser step
+    lr: float = 3e-3                   # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1          # the cosine schedule ends at lr x this
+    warmup_steps: int = 20             # linear warmup from 0 to lr over this many steps
+    weight_decay: float = 0.1          # AdamW weight decay, on matrices only (not norms, biases, embedding)
+    beta1: float = 0.9                 # AdamW first-moment decay
+    beta2: float = 0.95                # AdamW second-moment decay
+    grad_clip: float = 1.0             # clip the global gradient norm to this; 0 = no clipping
+    seed: int = 1337                   # seeds the initial weights and the training batches
+    eval_every: int = 50               # validate every this many steps (and at the end)
+    eval_batches: int = 8              # validation batches per evaluation
+    save_every: int = 100              # checkpoint every this many steps (and at the end)
     # also checkpoint when this much training time has passed since the last save (whichever of
     # save_every / save_every_minutes comes first); none = steps only
     save_every_minutes: Optional[float] = 5.0
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    skip_nonfinite: bool = False
-    device: str = "auto"               # auto | cpu | cuda
-    compile: bool = False
+    keep_checkpoints: int = 2          # newest checkpoints kept; older ones are deleted
+    log_every: int = 10                # write a metrics.jsonl record every this many steps
+    skip_nonfinite: bool = False       # skip a batch with a non-finite loss or gradient instead of stopping
+    device: str = "auto"               # "auto" (CUDA when available), "cpu" or "cuda"
+    compile: bool = False              # torch.compile attention and norms (MoE layers stay eager)
     # "clm": next-token prediction (decoders); "mlm": BERT's masked LM (needs model.causal = false):
     # mlm_probability of the tokens are selected, of those 80% become the mask token, 10% a random
     # token and 10% stay; the loss is taken on the selected positions only (Devlin et al. 2019)
     objective: Objective = "clm"
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.15      # train.objective = "mlm": fraction of tokens selected
+    # Experiment trackers that get every scalar metrics.jsonl gets, plus the config and summary:
+    # "tensorboard" (events in RUN/tb), "wandb", "mlflow" (pip install 'moelab[trackers]'); [] = none
+    trackers: tuple[Tracker, ...] = ("tensorboard",)
+    # Run name in wandb / MLflow (none = the run folder's name); project, entity, experiment and
+    # tracking URI come from the libraries' own variables (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, ...)
+    run_name: Optional[str] = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,8 +260,8 @@ class ParallelConfig:
     sharded by FSDP over what is left of it (dp_shard / ep), as torchtitan lays out its 2-D mesh.
     """
 
-    ep: int = 1
-    dp_shard: int = -1
+    ep: int = 1                        # expert-parallel degree (ranks each MoE layer's experts split over)
+    dp_shard: int = -1                 # FSDP2 sharding degree; -1 = all ranks; beyond it ranks replicate
     # recompute each block's activations in the backward (torch.utils.checkpoint): less memory,
     # about a third more compute
     activation_checkpointing: bool = False
@@ -249,15 +269,19 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    """What to train on: the built-in corpus or your own text, and the tokenizer."""
+
     corpus: str = "stdlib"             # "stdlib" or a file, folder, glob, .jsonl or .parquet
     text_field: str = "text"           # field / column for .jsonl and .parquet
     tokenizer: Optional[str] = None    # path to a tokenizer.json; None = train BPE on the corpus
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05         # share of documents held out for validation (chosen by path hash)
     max_bytes: Optional[int] = None    # use only the first N bytes of the corpus (quick runs)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
+    """A whole run: the model, its training, its data and how it spreads over processes."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -402,6 +426,7 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
     _one_of(f"{p}.balance_scope", moe.balance_scope, typing.get_args(BalanceScope))
     if moe.top_k < 1:
         _fail(f"{p}.top_k", moe.top_k, "must be >= 1")
+    _positive(f"{p}.n_groups", moe.n_groups)           # before it divides below
     n_moe = len(m.moe_layer_indices())
     counts = [moe.num_experts] if moe.num_experts_per_layer is None else list(moe.num_experts_per_layer)
     if moe.num_experts_per_layer is not None and len(counts) != n_moe:
@@ -418,7 +443,6 @@ def _validate_moe(m: ModelConfig, p: str) -> None:
         if moe.top_k > moe.topk_groups * (e // moe.n_groups):
             _fail(f"{p}.top_k", moe.top_k,
                   f"must be <= topk_groups * experts per group ({moe.topk_groups * (e // moe.n_groups)})")
-    _positive(f"{p}.n_groups", moe.n_groups)
     if not 1 <= moe.topk_groups <= moe.n_groups:
         _fail(f"{p}.topk_groups", moe.topk_groups, f"must be between 1 and n_groups ({moe.n_groups})")
     if moe.group_score == "top2" and moe.n_groups > 1 and min(counts) // moe.n_groups < 2:
@@ -458,6 +482,12 @@ def _validate_train(t: TrainConfig, p: str = "train") -> None:
     if t.max_minutes is not None:
         _positive(f"{p}.max_minutes", t.max_minutes)
     _one_of(f"{p}.device", t.device, ("auto", "cpu", "cuda"))
+    for tracker in t.trackers:
+        _one_of(f"{p}.trackers", tracker, typing.get_args(Tracker))
+    if len(set(t.trackers)) != len(t.trackers):
+        _fail(f"{p}.trackers", list(t.trackers), "must not name a tracker twice")
+    if t.run_name is not None and not t.run_name.strip():
+        _fail(f"{p}.run_name", t.run_name, "must be a non-empty name, or none for the run folder's name")
 
 
 def _validate_parallel(par: ParallelConfig, p: str = "parallel") -> None:
@@ -520,8 +550,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Union:
         args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None                 # TOML has no null: "none" stands for it
         errors = []
         for arg in args:
             if arg is type(None):
@@ -536,9 +566,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             _fail(path, value, f"must be one of {', '.join(map(str, typing.get_args(hint)))}")
         return value
     if origin is tuple:
+        (item,) = typing.get_args(hint)[:1]
+        if isinstance(value, str) and (item is str or typing.get_origin(item) is Literal):
+            value = [v.strip() for v in value.split(",") if v.strip()]   # --set train.trackers=a,b
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} = {value!r} has the wrong type: expected a list")
-        (item,) = typing.get_args(hint)[:1]
         return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if isinstance(value, bool):
@@ -606,8 +638,21 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
         *parents, leaf = key.split(".")
         for part in parents:
             node = node[part]
-        node[leaf] = _parse_value(value) if isinstance(value, str) else value
+        parsed = _parse_value(value) if isinstance(value, str) else value
+        if parsed is None and isinstance(value, str) and not _accepts_none(key):
+            parsed = value          # "none" is a word here (model.moe.layers = "none"), not null
+        node[leaf] = parsed
     return from_dict(Config, data)
+
+
+def _accepts_none(key: str) -> bool:
+    """Whether the field at dotted ``key`` is Optional."""
+    cls: Any = Config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cls = typing.get_type_hints(cls)[part]
+    hint = typing.get_type_hints(cls)[leaf]
+    return typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
 
 
 def _split(override: str) -> tuple[str, str]:

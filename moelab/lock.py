@@ -35,7 +35,7 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)   # mode: what the umask gives
         if not _try_lock(fd):
             holder = _read_holder(fd)
             os.close(fd)

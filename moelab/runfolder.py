@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moelab.config import Config, ConfigError, from_dict
-from moelab.fileio import save_tensors, write_json, write_text_atomic
+from moelab.fileio import JSONFileError, read_json_object, save_tensors, write_json, write_text_atomic
 from moelab.lock import LOCK_FILE  # noqa: F401  (listed here so every run file name has one home)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,12 +125,9 @@ def _config_json(folder: Path) -> dict:
         raise CheckpointError(f"{str(folder)!r} is not a moelab run folder or a Hugging Face model "
                               f"folder (no {CONFIG_FILE})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is damaged: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
+        return read_json_object(path)
+    except JSONFileError as e:
+        raise CheckpointError(f"damaged: {e}") from None
 
 
 def is_hf_folder(folder: PathLike) -> bool:

@@ -10,7 +10,7 @@ from moelab.presets import preset_names
 
 def test_presets_json(capsys):
     assert main(["presets", "--json"]) == 0
-    names = json.loads(capsys.readouterr().out)
+    names = [p["name"] for p in json.loads(capsys.readouterr().out)]
     assert names == preset_names() and "deepseek-v3" in names and len(names) >= 12
 
 
@@ -33,4 +33,4 @@ def test_info_text_and_bad_values_exit_2(capsys):
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "moelab", "presets", "--json"],
                          capture_output=True, text=True, check=True).stdout
-    assert "dense" in json.loads(out)
+    assert "dense" in [p["name"] for p in json.loads(out)]

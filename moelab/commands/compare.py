@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from moelab.commands import raise_user
+from moelab.commands import add_output_args, message_sink, raise_user
 
 
 def add_parser(sub) -> None:
@@ -43,11 +43,18 @@ def add_parser(sub) -> None:
                    help="continue the finished dense RUN for --budget extra tokens as each arm of "
                         "--models: dense,upcycle:E=8,K=2,method=drop (a scratch MoE of each shape is "
                         "added); see docs/upcycle.md")
+    add_output_args(p)
     p.set_defaults(func=run)
 
 
+_sink = None          # --quiet / --log-file (message_sink), set by run()
+
+
 def _log(message: str) -> None:
-    print(message, flush=True)
+    if _sink is not None:
+        _sink(message)
+    else:
+        print(message, flush=True)
 
 
 def _command() -> str:
@@ -99,12 +106,16 @@ def _plan_options_given(args) -> list[str]:
 
 
 def run(args) -> int:
+    global _sink
+    _sink = message_sink(args)
     from moelab.compare.measure import measure_units
     from moelab.compare.plan import headline_budget, load_plan, write_plan
     from moelab.compare.report import build_report, print_tables
     from moelab.compare.run import CompareStopped, run_units
     from moelab.lock import FolderLock, FolderLockedError
+    from moelab.progress import Progress
     from moelab.stop import EXIT_STOPPED
+    from moelab.train.trackers import check_available, group_env
 
     if args.resume:
         given = _plan_options_given(args)
@@ -114,6 +125,10 @@ def run(args) -> int:
         plan = load_plan(out_dir)
     else:
         plan, out_dir = _new_plan(args)
+        tracker_sets = [o for o in args.overrides if o.split("=")[0].strip() == "train.trackers"]
+        if tracker_sets:                   # a missing wandb/mlflow: say so now, not after unit 1's data
+            from moelab.config import Config
+            check_available(Config().with_overrides(tracker_sets).train.trackers)
     _log(f"compare: {', '.join(m['name'] for m in plan['models'])}; seeds {', '.join(map(str, plan['seeds']))}; "
          f"budget{'s' if len(plan['budgets']) > 1 else ''} {', '.join(plan['budgets'])}; "
          f"{len(plan['units'])} training runs; output {out_dir}")
@@ -133,10 +148,16 @@ def run(args) -> int:
         if plan.get("continuation"):                    # the upcycled folders its arms start from
             from moelab.adapt.arms import prepare_arms
             prepare_arms(plan, log=_log)
-        run_units(plan, out_dir, show_progress=False if args.no_progress else None, log=_log)
+        # every unit is one run of one wandb group / MLflow experiment named after the compare
+        os.environ.update(group_env(f"moelab-{out_dir.resolve().name}"))
+        unit_output = (("--quiet",) if args.quiet else ()) + (("--log-file", args.log_file) if args.log_file else ())
+        run_units(plan, out_dir, show_progress=False if args.no_progress or args.quiet else None, log=_log,
+                  extra_args=unit_output)
         headline = [u for u in plan["units"] if u["budget"] == headline_budget(plan)]
-        measure_units(out_dir, plan["units"], headline, log=_log)
-        rows, payload, verdicts = build_report(plan, out_dir)
+        with Progress("compare", enabled=not args.quiet, log=_log) as progress:
+            measure_units(out_dir, plan["units"], headline, log=_log, progress=progress.stage)
+            with progress.phase("writing the report and plots"):
+                rows, payload, verdicts = build_report(plan, out_dir)
     except CompareStopped as e:
         print(str(e), file=sys.stderr)
         return EXIT_STOPPED

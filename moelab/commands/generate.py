@@ -1,7 +1,9 @@
 """`moelab generate RUN`: sample text from a run folder's model, streamed as it is produced.
 
 The weights are read straight into the compute dtype (``--dtype``; a bf16 checkpoint stays bf16)
-and optionally quantised to int8 weight-only (``--quantize int8``); see docs/inference.md."""
+and optionally quantised to int8 weight-only (``--quantize int8``); see docs/inference.md.
+``--engine llama.cpp [--type q8_0]`` computes the logits with llama.cpp on the run's cached GGUF
+export instead (``moelab.interop.llamacpp``; the sampling options mean the same)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from moelab.commands import raise_user
+from moelab.commands import check_device, raise_user
 
 
 def add_parser(sub) -> None:
@@ -40,8 +42,21 @@ def add_parser(sub) -> None:
                    help="compute dtype (default: the checkpoint's; bfloat16 with --quantize int8)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8 weight-only weights (torchao; needs the quant extra): half the bytes of bf16")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch (default): moelab's model; llama.cpp: the run exported to GGUF (cached in "
+                        "RUN/gguf/) and run by llama-cpp-python, faster on CPU (needs the gguf extra)")
+    p.add_argument("--type", default=None, metavar="TYPE",
+                   help="with --engine llama.cpp: the GGUF weight type, f32, f16, bf16, q8_0 (int8), "
+                        "q4_0, q4_k_m, q5_k_m, q6_k (default: the --dtype, else the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end, no streaming")
     p.set_defaults(func=run)
+
+
+ENGINES = ("torch", "llama.cpp")
+# shown with --quantize int8 (figures: benchmarks/RESULTS.md, docs/inference.md)
+INT8_NOTE = ("note: torch's int8 weight-only decoding is not reliably faster than bf16 on CPU (measured "
+             "0.61x to 1.57x of bf16 across hosts and library versions); llama.cpp's int8 is: "
+             "--engine llama.cpp --type q8_0 (measured 3.4x torch's bf16; docs/inference.md)")
 
 
 def _load(args):
@@ -73,8 +88,13 @@ def _prompt(args) -> str:
         return args.prompt
     path = Path(args.prompt_file)
     if not path.is_file():
-        raise_user(f"--prompt-file {args.prompt_file!r} does not exist")
-    return path.read_text(encoding="utf-8")
+        raise_user(f"--prompt-file {args.prompt_file!r} does not exist or is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise_user(f"--prompt-file {args.prompt_file!r} is not UTF-8 text (byte {e.start}: {e.reason})")
+    except OSError as e:
+        raise_user(f"--prompt-file {args.prompt_file!r} cannot be read: {e.strerror}")
 
 
 def _experts_line(token_text: str, experts, moe_layers: list[int]) -> str:
@@ -84,8 +104,53 @@ def _experts_line(token_text: str, experts, moe_layers: list[int]) -> str:
     return f"{token_text!r:<16} {per_layer}"
 
 
+def _llamacpp_steps(args, opts, prompt: str):
+    """The llama.cpp engine's steps, its tokenizer and what to close; refuses torch-only options."""
+    from moelab.interop import InteropError
+    from moelab.interop.gguf import check_type, require_gguf
+    from moelab.interop.llamacpp import open_run, stream as llamacpp_stream
+    from moelab.runfolder import TOKENIZER_FILE, CheckpointError, load_tokenizer
+    for flag, used in (("--show-experts", args.show_experts), ("--compile", args.compile),
+                       ("--quantize", args.quantize is not None), ("--device", args.device != "cpu")):
+        if used:
+            raise_user(f"{flag} is for --engine torch; with --engine llama.cpp pick the weights with --type "
+                       "(q8_0 is llama.cpp's int8)")
+    try:
+        require_gguf(llama=True)
+        gguf_type = check_type(args.type or _default_type(args))
+    except InteropError as e:
+        raise_user(str(e))
+    try:
+        tokenizer = load_tokenizer(args.run)
+    except CheckpointError as e:
+        raise_user(f"RUN: {e}")
+    if tokenizer is None:
+        raise_user(f"RUN: {args.run!r} has no {TOKENIZER_FILE}; generate needs the run's tokenizer")
+    try:
+        engine, _ = open_run(args.run, gguf_type, log=lambda s: print(s, file=sys.stderr))
+    except InteropError as e:
+        raise_user(str(e))
+    return llamacpp_stream(engine, prompt, opts, tokenizer=tokenizer), tokenizer, engine
+
+
+def _default_type(args) -> str:
+    """bf16 or f32, after --dtype, else the checkpoint's dtype (read from the safetensors header)."""
+    if args.dtype is not None:
+        return "bf16" if args.dtype == "bfloat16" else "f32"
+    from safetensors import safe_open
+
+    from moelab.runfolder import WEIGHTS_FILE
+    try:
+        with safe_open(str(Path(args.run) / WEIGHTS_FILE), framework="pt") as f:
+            return "bf16" if f.get_slice("embed.weight").get_dtype() == "BF16" else "f32"
+    except Exception:  # noqa: BLE001 - a missing or damaged file is reported by the export
+        return "f32"
+
+
 def run(args) -> int:
     from moelab.generate import GenerationError, sampling_options, stream
+    if args.type is not None and args.engine != "llama.cpp":
+        raise_user("--type is for --engine llama.cpp (with --engine torch use --dtype / --quantize)")
     try:
         opts = sampling_options(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -94,16 +159,24 @@ def run(args) -> int:
     except GenerationError as e:
         raise_user(e.for_cli())
     prompt = _prompt(args)
-    model, tokenizer = _load(args)
-    moe_layers = model.config.moe_layer_indices()
-    trace = args.show_experts and bool(moe_layers)
+    check_device(args.device)
+    engine = None
+    if args.engine == "llama.cpp":
+        steps, tokenizer, engine = _llamacpp_steps(args, opts, prompt)
+        moe_layers, trace = [], False
+    else:
+        if args.quantize == "int8":
+            print(INT8_NOTE, file=sys.stderr)
+        model, tokenizer = _load(args)
+        moe_layers = model.config.moe_layer_indices()
+        trace = args.show_experts and bool(moe_layers)
+        steps = stream(model, prompt, opts, tokenizer=tokenizer, trace_experts=trace, compile=args.compile)
     out = sys.stdout
     tokens: list[int] = []
     text, experts, reason = "", [], "length"
     start = time.perf_counter()
     try:
-        for step in stream(model, prompt, opts, tokenizer=tokenizer, trace_experts=trace,
-                           compile=args.compile):
+        for step in steps:
             token = step.tokens[0]
             if token is None:
                 break
@@ -121,11 +194,14 @@ def run(args) -> int:
                 out.flush()
     except GenerationError as e:
         raise_user(e.for_cli())
+    finally:
+        if engine is not None:
+            engine.close()
     seconds = time.perf_counter() - start
     rate = len(tokens) / max(seconds, 1e-9)
     if args.json:
         result = {"text": text, "tokens": tokens, "finish_reason": reason, "new_tokens": len(tokens),
-                  "seconds": round(seconds, 4), "tokens_per_s": round(rate, 1)}
+                  "seconds": round(seconds, 4), "tokens_per_s": round(rate, 1), "engine": args.engine}
         if trace:
             result["experts"] = experts
             result["moe_layers"] = moe_layers

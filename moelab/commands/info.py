@@ -35,6 +35,10 @@ def _bytes(n: float) -> str:
 
 def run(args) -> int:
     from moelab.accounting import describe
+    for option, value in (("--batch", args.batch), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            from moelab.commands import raise_user
+            raise_user(f"{option} = {value} is invalid: must be >= 1")
     if args.run:
         from moelab.commands import raise_user
         from moelab.runfolder import CheckpointError, read_config

@@ -36,21 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override how tokens are read, e.g. --set data.max_bytes=2000000 (data.*, train.*)")
     p.add_argument("--json", action="store_true", help="print inspect.json's content instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.set_defaults(func=run)
-
-
-def _progress_factory(console):
-    """Stage -> advance callable, drawing a rich bar per stage on a terminal, nothing otherwise."""
-    if not console.is_terminal:
-        return None, lambda stage, total: (lambda n: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=console, transient=True)
-
-    def stage(name: str, total: int):
-        task = bar.add_task(name, total=total)
-        return lambda n: bar.advance(task, n)
-    return bar, stage
 
 
 def run(args) -> int:
@@ -58,26 +45,22 @@ def run(args) -> int:
 
     from moelab.inspect import InspectError, InspectOptions, inspect_run
     from moelab.inspect.report import print_summary, write_outputs
+    from moelab.progress import Progress
 
     opts = InspectOptions(tokens=args.tokens, corpus=args.corpus, split=args.split,
                           categories=args.categories, ablate=args.ablate,
                           ablate_tokens=args.ablate_tokens, against=args.against, prompt=args.prompt,
                           device=args.device, batch_size=args.batch_size, seq_len=args.seq_len,
                           overrides=tuple(args.overrides))
-    err = Console(stderr=True)
-    bar, stage = _progress_factory(err)
     out_dir = Path(args.out) if args.out else Path(args.run) / "inspect"
-    try:
-        if bar is not None:
-            bar.start()
+    with Progress("inspect", enabled=not args.quiet) as progress:
         try:
-            result = inspect_run(args.run, opts, progress=stage)
-        finally:
-            if bar is not None:
-                bar.stop()
-    except InspectError as e:
-        raise_user(str(e))
-    text = write_outputs(result, out_dir)
+            progress.stage("reading the run and its held-out tokens", None)   # until routing starts
+            result = inspect_run(args.run, opts, progress=progress.stage)
+        except InspectError as e:
+            raise_user(str(e))
+        with progress.phase("writing inspect.json, report.md and the plots"):
+            text = write_outputs(result, out_dir)
     if args.json:
         sys.stdout.write(text)
         return 0

@@ -89,10 +89,13 @@ def source_from_args(args):
         raise_user("give one of --preset, --config or --hf-config")
     if args.hf_config:
         return load_hf(args.hf_config, args.overrides)
-    if args.config:
-        if not args.config.endswith(".toml"):
-            raise_user(f"--config = {args.config!r} is invalid: expected a .toml file")
-        return load_source(args.config, args.overrides)
+    if args.config:                  # a moelab config file (TOML, YAML, JSON), never a preset
+        from pathlib import Path
+
+        from moelab import resolve_config
+        from moelab.config_files import load_config_file
+        from moelab.plan.source import ModelSource
+        return ModelSource(Path(args.config).stem, resolve_config(load_config_file(args.config), args.overrides))
     if args.preset:
         return load_source(args.preset, args.overrides)
     if args.compare:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from moelab.commands import add_config_args, config_from_args, raise_user
+from moelab.commands import add_config_args, add_output_args, config_from_args, message_sink, raise_user
 
 
 def add_parser(sub) -> None:
@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="train on N processes of this machine: starts torchrun --standalone for you "
                         "(gloo on CPU, nccl on GPUs); for several machines run torchrun yourself")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    add_output_args(p)
+    p.add_argument("--quiet-data", action="store_true",
+                   help="do not print the data preparation lines (compare prints them once)")
     p.set_defaults(func=run)
 
 
@@ -78,11 +81,14 @@ def run(args) -> int:
             if checkpoint_dirs(run_dir):
                 raise_user(f"{str(run_dir)!r} already holds a run; use --resume {run_dir} or another --out")
             resume = False
+        from moelab.train.trackers import check_available
+        check_available(cfg.train.trackers)               # a missing wandb/mlflow: exit 2 now
         if args.nproc is not None:
             from moelab.parallel.launch import launch_torchrun
             return launch_torchrun(args.nproc, cfg, run_dir, _without_nproc(args.argv))
+        log = message_sink(args, hide=("data: ",) if args.quiet_data else ())
         train(cfg, run_dir, resume=resume, strict_resume=args.strict_resume, init_from=args.init_from,
-              command=command, show_progress=False if args.no_progress else None)
+              command=command, show_progress=False if args.no_progress or args.quiet else None, log=log)
     except StoppedByRequest as e:
         print(str(e), file=sys.stderr)
         return EXIT_STOPPED

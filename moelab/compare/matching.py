@@ -215,3 +215,12 @@ def describe_matching(sizings: list[Sizing], mode: str) -> list[str]:
                      f"({s.total_ratio:.3f}x), active {s.active / 1e6:.3f}M ({s.active_ratio:.3f}x){flag}"
                      + (f"; {s.note}" if s.note else "") + ".")
     return lines
+
+
+def size_to(m: ModelConfig, target: int, which: Literal["active", "total"] = "active") -> ModelConfig:
+    """``m`` with the width ``--match`` resizes (a sparse model's ``expert_hidden``, a dense
+    model's ``ffn_hidden``) set so its active (or total) parameter count is nearest ``target``;
+    ``moelab search`` sizes every candidate to its budget with it. Raises ConfigError when no
+    positive width reaches the target."""
+    knob = "expert_hidden" if is_sparse(m) else "ffn_hidden"
+    return _with(m, **{knob: _solve_one(m, knob, 0 if which == "total" else 1, target)})

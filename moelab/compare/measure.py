@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from moelab.compare.plan import write_json
+from moelab.progress import no_progress
 
 PROMPTS = 8
 PROMPT_TOKENS = 64
@@ -190,7 +191,8 @@ def _summarise(model, rows: list[dict], prompts_BT: torch.Tensor) -> dict:
 INSPECT_TOKENS = 16384
 
 
-def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] = print) -> None:
+def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] = print,
+                  progress=no_progress) -> None:
     """``moelab inspect``'s summary (load, dead experts, strongest specialisation) of each sparse
     model's first-seed run: one pass over INSPECT_TOKENS held-out tokens, no ablation."""
     from moelab.inspect import InspectError, summary
@@ -201,8 +203,9 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
         rec = load_measurement(out_dir, unit)
         if "inspect" in rec:
             continue
+        progress(f"inspecting {unit['id']}: reading its held-out tokens", None)   # until routing starts
         try:
-            rec["inspect"] = summary(unit["run_dir"], tokens=INSPECT_TOKENS)
+            rec["inspect"] = summary(unit["run_dir"], tokens=INSPECT_TOKENS, progress=progress)
         except InspectError:                       # a dense model: nothing routed
             rec["inspect"] = None
         else:
@@ -211,20 +214,22 @@ def inspect_units(out_dir: Path, units: list[dict], log: Callable[[str], None] =
 
 
 def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
-                  log: Callable[[str], None] = print) -> None:
+                  log: Callable[[str], None] = print, progress=no_progress) -> None:
     """Fill ``DIR/measurements/<unit>.json`` for every unit (validation losses per batch) and, for
     ``inference_units``, the inference numbers; units measured before are not measured again."""
     val_tokens = ValTokens()
     todo = [u for u in units if "val_batch_losses" not in load_measurement(out_dir, u)]
     if todo:
         log(f"scoring {len(todo)} trained model(s) batch by batch on the validation set")
+    advance = progress("scoring trained models", len(todo))     # moelab.progress: bars / lines
     for unit in todo:
         model, cfg = _load(unit["run_dir"])
         losses = validation_batch_losses(model, cfg, val_tokens)
         rec = load_measurement(out_dir, unit)
         rec["val_batch_losses"] = losses
         write_json(_path(out_dir, unit), rec)
-    inspect_units(out_dir, inference_units, log)
+        advance(1)
+    inspect_units(out_dir, inference_units, log, progress)
     pending = [u for u in inference_units if "inference" not in load_measurement(out_dir, u)]
     by_seed: dict = {}
     for u in pending:
@@ -232,6 +237,7 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
     if pending:
         log(f"measuring inference of {len(pending)} trained model(s): prefill, decode at batch 1 and 8, "
             f"{ROUNDS} interleaved rounds")
+    advance = progress("timing inference", sum((ROUNDS + 1) * len(g) for g in by_seed.values()))
     for seed, group in by_seed.items():
         loaded = [(u, *_load(u["run_dir"])) for u in group]
         prompts = [_prompts(m, c, val_tokens) for _, m, c in loaded]
@@ -241,6 +247,7 @@ def measure_units(out_dir: Path, units: list[dict], inference_units: list[dict],
             order = order[r % len(order):] + order[:r % len(order)]
             for i in order:
                 row = _inference_once(loaded[i][1], prompts[i])
+                advance(1)
                 if r:
                     rows[i].append(row)
         for (unit, model, _), unit_rows, p in zip(loaded, rows, prompts):

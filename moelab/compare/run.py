@@ -34,8 +34,10 @@ def unit_state(run_dir: str | Path) -> UnitState:
     return UnitState.NEW
 
 
-def train_command(unit: dict, state: UnitState, show_progress: bool | None, nproc: int = 1) -> list[str]:
-    """The ``moelab train`` argument list for a unit that still needs training."""
+def train_command(unit: dict, state: UnitState, show_progress: bool | None, nproc: int = 1,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``moelab train`` argument list for a unit that still needs training (``extra``:
+    output options such as --quiet, --log-file F, --quiet-data)."""
     if state is UnitState.RESUMABLE:
         args = ["train", "--resume", unit["run_dir"]]
     else:
@@ -44,7 +46,7 @@ def train_command(unit: dict, state: UnitState, show_progress: bool | None, npro
         args += ["--nproc", str(nproc)]
     if show_progress is False:
         args.append("--no-progress")
-    return args
+    return args + list(extra)
 
 
 class CompareStopped(Exception):
@@ -52,10 +54,12 @@ class CompareStopped(Exception):
 
 
 def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
-              log: Callable[[str], None] = print) -> None:
+              log: Callable[[str], None] = print, extra_args: tuple[str, ...] = ()) -> None:
     """Train every unit that is not finished; a failure stops the compare with a message that
-    says how to continue."""
+    says how to continue. Every unit prepares the same data: only the first one trained here
+    prints that preamble."""
     units = plan["units"]
+    trained = 0
     for i, unit in enumerate(units, 1):
         state = unit_state(unit["run_dir"])
         tag = f"[{i}/{len(units)}] {unit['id']}"
@@ -64,7 +68,9 @@ def run_units(plan: dict, out_dir: Path, *, show_progress: bool | None = None,
             continue
         log(f"{tag}: {'resuming from its last checkpoint' if state is UnitState.RESUMABLE else 'training'}"
             f" ({unit['model']}, seed {unit['seed']}, budget {unit['budget']})")
-        code, stopped = _train(train_command(unit, state, show_progress, plan.get("nproc", 1)))
+        extra = tuple(extra_args) + (("--quiet-data",) if trained else ())
+        code, stopped = _train(train_command(unit, state, show_progress, plan.get("nproc", 1), extra))
+        trained += 1
         if stopped:
             raise CompareStopped(f"compare stopped during {unit['id']} (its last checkpoint is kept); "
                                  f"continue with: moelab compare --resume {out_dir}")

@@ -10,12 +10,14 @@ SUMMARY_TOKENS = 16384
 
 
 def summary(run_dir: str | Path, *, tokens: int = SUMMARY_TOKENS, device: Optional[str] = "cpu",
-            corpus: Optional[str] = None) -> dict:
+            corpus: Optional[str] = None, progress=None) -> dict:
     """Route ``tokens`` held-out tokens of ``run_dir`` (no ablation, no files written) and
-    summarise with :func:`summarize`. Raises InspectError for a dense run."""
+    summarise with :func:`summarize`. Raises InspectError for a dense run. ``progress``: a
+    stage factory (``moelab.progress``) for the routing pass."""
     from moelab.inspect.analyze import InspectOptions, inspect_run
-    return summarize(inspect_run(run_dir, InspectOptions(tokens=tokens, ablate="none", device=device,
-                                                         corpus=corpus)))
+    opts = InspectOptions(tokens=tokens, ablate="none", device=device, corpus=corpus)
+    return summarize(inspect_run(run_dir, opts) if progress is None else
+                     inspect_run(run_dir, opts, progress=progress))
 
 
 def summarize(result: dict) -> dict:

@@ -1,15 +1,15 @@
 """Hugging Face configs, checkpoints and live transformers models <-> moelab configs and models.
 
 HF folders are read through safetensors, memory-mapped (``safe_open``), shard by shard when there
-is a ``model.safetensors.index.json``; pickle files are never opened. ``hf_folder_state`` converts
-a folder in memory (``moelab.load`` uses it); ``moelab.interop.folders`` writes run folders and
-HF folders from it.
+is a ``model.safetensors.index.json``; pickle files are never opened, and every file read resolves
+inside the folder (``moelab.interop.containment``). ``hf_folder_state`` converts a folder in memory
+(``moelab.load`` uses it); ``moelab.interop.folders`` writes run folders and HF folders.
 
 Live models (need ``transformers``): ``to_transformers(model, family)`` and
 ``from_transformers(hf_model)``, in memory, for side-by-side runs and benchmarks.
 
 What the key maps and config mappings do per family lives in ``moelab.interop.families``; this
-module only moves files and tensors.
+module only moves tensors.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from typing import Optional, Union
 import torch
 
 from moelab.config import Config, ConfigError, ModelConfig, from_dict
+from moelab.fileio import JSONFileError, read_json_object
 from moelab.interop.errors import InteropError
 from moelab.interop.families import FAMILIES
 from moelab.interop.families.common import HFConfig
+from moelab.interop.containment import check_name, inside
 from moelab.interop.keymap import hf_to_ours, ours_to_hf
 
 PathLike = Union[str, Path]
@@ -33,8 +35,6 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9          # transformers' long-standing default, "5GB"
-TOKENIZER = "tokenizer.json"
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,13 +106,10 @@ class Checkpoint:
     def __init__(self, folder: Path):
         from safetensors import safe_open
         index = folder / HF_INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InteropError(f"{index} is damaged: {e}") from None
+        if inside(folder, HF_INDEX).is_file():
+            weight_map = read_index(folder)
             files = sorted(set(weight_map.values()))
-        elif (folder / HF_WEIGHTS).is_file():
+        elif inside(folder, HF_WEIGHTS).is_file():
             files, weight_map = [HF_WEIGHTS], None
         else:
             pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
@@ -121,14 +118,14 @@ class Checkpoint:
             raise InteropError(f"{folder} has no {HF_WEIGHTS} or {HF_INDEX}{extra}")
         self.handles, self.where = {}, {}
         for name in files:
-            path = folder / name
+            path = inside(folder, name, f"{index}: shard")
             if not path.is_file():
                 raise InteropError(f"{index} names shard {name!r}, which is missing")
             try:
                 handle = safe_open(str(path), framework="pt")
                 keys = list(handle.keys())
             except Exception as e:  # SafetensorError, OSError: truncated, empty or not safetensors
-                raise InteropError(f"{path} is damaged, truncated or not a safetensors file: {e}") from None
+                raise InteropError(f"{folder / name} is damaged, truncated or not a safetensors file: {e}") from None
             self.handles[name] = handle
             for k in keys:
                 self.where[k] = name
@@ -147,20 +144,41 @@ class Checkpoint:
             raise InteropError(f"{self.where[key]}: tensor {key!r} cannot be read (truncated file?): {e}") from None
 
 
+def read_index(folder: Path) -> dict[str, str]:
+    """``weight_map`` of ``model.safetensors.index.json``: tensor name -> shard file name, every
+    shard name a relative path inside ``folder``."""
+    index = folder / HF_INDEX
+    try:
+        data = json.loads(inside(folder, HF_INDEX).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InteropError(f"{index} is damaged: {e}") from None
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise InteropError(f"{index} is damaged: expected a JSON object with a 'weight_map'")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise InteropError(f"{index}: weight_map = {_short(weight_map)} is invalid: must be an object "
+                           "mapping tensor names to shard file names")
+    for key, name in weight_map.items():
+        check_name(name, f"{index}: weight_map[{key!r}]")
+    return weight_map
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_hf_config(folder: PathLike) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise InteropError(f"{str(folder)!r} is not a folder")
-    path = folder / HF_CONFIG
+    path = inside(folder, HF_CONFIG)
     if not path.is_file():
         raise InteropError(f"{str(folder)!r} is not a Hugging Face model folder (no {HF_CONFIG})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InteropError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InteropError(f"{path} does not hold a JSON object")
-    return data
+        return read_json_object(path)
+    except JSONFileError as e:
+        raise InteropError(str(e)) from None
 
 
 def _mtp_keys(keys: set[str], n_layers: int) -> set[str]:
@@ -174,7 +192,7 @@ def _mtp_keys(keys: set[str], n_layers: int) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# folders
+# an HF folder, in memory
 # ---------------------------------------------------------------------------------------------
 
 def hf_folder_config(hf_dir: PathLike) -> Imported:
@@ -184,7 +202,8 @@ def hf_folder_config(hf_dir: PathLike) -> Imported:
 
 def hf_folder_state(hf_dir: PathLike) -> tuple[Config, dict[str, torch.Tensor], list[str]]:
     """(our Config, our state dict, notes for the user) of an HF model folder, in memory. Tensors
-    keep their stored dtype and stay memory-mapped where no transform copies them."""
+    keep their stored dtype and stay memory-mapped where no transform copies them; every file is
+    read from inside ``hf_dir``."""
     hf_dir = Path(hf_dir)
     imported = hf_folder_config(hf_dir)
     cfg, fam = imported.config, imported.family
@@ -200,6 +219,7 @@ def hf_folder_state(hf_dir: PathLike) -> tuple[Config, dict[str, torch.Tensor], 
     return cfg, state, notes
 
 
+# ---------------------------------------------------------------------------------------------
 # live models
 # ---------------------------------------------------------------------------------------------
 

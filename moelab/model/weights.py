@@ -110,7 +110,8 @@ def materialize(model: "Transformer", device: torch.device | str = "cpu",
     directly (routers float32), and initialise it (``reset_parameters``). A 1B-parameter bf16
     model takes 2 GB while it is built, not 4 (benchmarks build large models this way). The draws
     differ from an eagerly built model's: construction there also runs each layer's default
-    initialisation first."""
+    initialisation first (``moelab.model.init_replay`` reproduces those draws exactly, which is
+    how training builds its models)."""
     keep = _keeps_float32(model)
     for module in model.modules():
         for name, p in list(module._parameters.items()):

@@ -1,8 +1,8 @@
 """Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), stored as safetensors + JSON
 (DCP's Hugging Face storage layer), so nothing in a run folder is ever unpickled.
 
-    ckpt-00000100/model/sharded/shard-0000R-model-00001-of-00001.safetensors   one per rank
-    ckpt-00000100/optim/shard-0000R-model-00001-of-00001.safetensors           one per rank
+    ckpt-00000100/model/sharded/shard-0000R-model-0000I-of-0000N.safetensors   one per rank and tensor
+    ckpt-00000100/optim/shard-0000R-model-0000I-of-0000N.safetensors           one per rank and tensor
     ckpt-00000100/rng/rank-0000R.safetensors                                   per-rank RNG state
     ckpt-00000100/trainer_state.json        step, tokens, time, optimiser param groups, layout
 
@@ -58,13 +58,27 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     from safetensors.torch import save_file
 
     get_msd, get_osd, _, _ = _state_dict_api()
-    dcp.save(get_msd(model), storage_writer=HuggingFaceStorageWriter(
-        str(folder / MODEL_DIR), save_distributed=True, enable_consolidation=consolidate))
+    msd = get_msd(model)
+    # One file per tensor and rank: DCP serialises each file whole in memory before writing it,
+    # so one file per rank would hold a second copy of the rank's whole shard (the optimizer's
+    # moments: twice the model's shard) while saving.
+    dcp.save(msd, storage_writer=HuggingFaceStorageWriter(
+        str(folder / MODEL_DIR / SHARDED), save_distributed=True, fqn_to_index_mapping=_one_file_each(msd)))
     flat, groups = flatten_optimizer(get_osd(model, optimizer))
-    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder / OPTIM_DIR), save_distributed=True))
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(
+        str(folder / OPTIM_DIR), save_distributed=True, fqn_to_index_mapping=_one_file_each(flat)))
+    if consolidate and rank == 0:
+        # full tensors, assembled one at a time from the ranks' bytes (DCP's consolidation)
+        from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
+        consolidate_safetensors_files(str(folder / MODEL_DIR / SHARDED), str(folder / MODEL_DIR),
+                                      dict.fromkeys(msd, 1))
     (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
     save_file(rng_tensors(), str(folder / RNG_DIR / f"rank-{rank:05d}.safetensors"))
     return groups
+
+
+def _one_file_each(state: dict) -> dict[str, int]:
+    return {name: i for i, name in enumerate(sorted(state), start=1)}
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -136,6 +150,50 @@ def _chunks(folder: Path) -> dict[str, list[tuple[list[int], list[int]]]]:
                 offsets = info.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape))
                 out.setdefault(key, []).append((offsets, shape))
     return out
+
+
+class ShardedTensors:
+    """The full tensors of a folder of DCP shards (a sharded checkpoint's ``model/sharded``), one
+    at a time: ``get(name)`` assembles one tensor from the chunks every rank stored (offsets from
+    the files' metadata), reading only that tensor's bytes, with plain reads (no memory map). What
+    a streamed export reads, so its memory is one tensor, never the model."""
+
+    def __init__(self, folder: Path):
+        import json
+        from torch.distributed.checkpoint._hf_utils import CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY
+        from moelab.parallel.tensorfile import TensorFile
+        self.folder = Path(folder)
+        self._files = [TensorFile(f) for f in sorted(self.folder.glob("*.safetensors"))]
+        if not self._files:
+            raise FileNotFoundError(f"{self.folder} holds no shards")
+        self._chunks: dict[str, list[tuple[int, list[int]]]] = {}
+        for i, f in enumerate(self._files):
+            info = json.loads(f.metadata.get(CUSTOM_METADATA_KEY, "{}"))
+            for key in f.keys():
+                offsets = info.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(f.shape(key)))
+                self._chunks.setdefault(key, []).append((i, offsets))
+        self._shapes = {}
+        for key, chunks in self._chunks.items():
+            ends = [[o + s for o, s in zip(offsets, self._files[i].shape(key))] for i, offsets in chunks]
+            self._shapes[key] = torch.Size([max(col) for col in zip(*ends)] if ends[0] else [])
+
+    def keys(self) -> list[str]:
+        return list(self._chunks)
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return dict(self._shapes)
+
+    def dtype(self, key: str) -> torch.dtype:
+        i, _ = self._chunks[key][0]
+        return self._files[i].dtype(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        full = torch.empty(self._shapes[key], dtype=self.dtype(key))
+        for i, offsets in self._chunks[key]:
+            chunk = self._files[i].get(key)
+            full[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))] = chunk
+            del chunk
+        return full
 
 
 def _volume(shape) -> int:

@@ -11,12 +11,12 @@ numbers would be wrong.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moelab.config import Config, ConfigError, from_dict
+from moelab.fileio import JSONFileError, read_json_object
 from moelab.interop.errors import InteropError
 
 # config.json keys whose refusal by the importer cannot change parameter counts or shapes
@@ -57,11 +57,9 @@ def load_hf(path: str | Path, overrides: list[str] | None = None) -> ModelSource
     if not file.is_file():
         raise ConfigError(f"--hf-config {str(path)!r}: no config.json there")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--hf-config {str(file)!r} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--hf-config {str(file)!r} must hold a JSON object")
+        data = read_json_object(file)
+    except JSONFileError as e:
+        raise ConfigError(f"--hf-config: {e}") from None
     name = path.name if path.is_dir() else (file.parent.name or file.stem)
     source = source_from_hf(data, name)
     if overrides:

@@ -1,5 +1,6 @@
-"""Run logging: metrics.jsonl (the record every other command reads), TensorBoard events, and a
-live progress bar on a terminal (plain lines at evaluations otherwise)."""
+"""Run logging: metrics.jsonl (the record every other command reads), the experiment trackers of
+``train.trackers`` (TensorBoard by default, wandb, MLflow: every scalar of every record), and a live
+progress bar on a terminal (plain lines at evaluations otherwise)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from typing import Callable, Optional
 
 from moelab.runfolder import METRICS_FILE, repair_metrics
 
+SUMMARY_FILE = "summary.json"
+
 
 class RunLogger:
     """``writer=False`` (every rank but the first of a distributed run) keeps messages, metrics,
     TensorBoard and progress silent: one process speaks for the run."""
 
     def __init__(self, run_dir: Path, show_progress: Optional[bool] = None,
-                 log: Optional[Callable[[str], None]] = None, writer: bool = True):
+                 log: Optional[Callable[[str], None]] = None, writer: bool = True, config=None):
         from rich.console import Console
         self.run_dir = run_dir
         self.writer = writer
@@ -25,7 +28,9 @@ class RunLogger:
         self._log = log
         self._progress = None
         self._task = None
-        self._tb = None
+        # the run's Config; without it the trackers are read from RUN/config.json when first needed
+        self._config = config
+        self._trackers: Optional[list] = None
         self._last_val: Optional[float] = None
 
     # ---- plain messages -------------------------------------------------------------------------
@@ -60,19 +65,50 @@ class RunLogger:
                 self.warn(message)
 
     def open_tensorboard(self) -> None:
-        self._writer()
-
-    def _writer(self):
+        """Start the trackers now if the config is known (their imports are then not counted as
+        training memory); otherwise they start with the first record, and only TensorBoard, the
+        default, is imported now."""
         if not self.writer:
-            return None
-        if self._tb is None:
+            return
+        if self._config is not None or (self.run_dir / "config.json").is_file():
+            self._open_trackers()
+            return
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except Exception:  # noqa: BLE001 - reported when the tracker starts
+            pass
+
+    def _open_trackers(self) -> list:
+        if self._trackers is not None or not self.writer:
+            return self._trackers or []
+        from moelab.config import ConfigError
+        from moelab.train.trackers import open_trackers
+        config = self._config
+        if config is None:
+            from moelab.runfolder import read_config
+            config = read_config(self.run_dir)
+        self._trackers = []
+        try:
+            self._trackers = open_trackers(config.train.trackers, self.run_dir, config.to_dict(),
+                                           config.train.run_name)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a tracker that cannot start (no login, bad URI)
+            raise ConfigError(f"train.trackers: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                              "(fix it, or leave the tracker out of train.trackers)") from None
+        return self._trackers
+
+    def _track(self, record: dict) -> None:
+        """Every scalar of ``record`` to every tracker; a tracker that fails is dropped, once,
+        with a warning (metrics.jsonl keeps everything)."""
+        from moelab.train.trackers import scalars
+        values = scalars(record)
+        for tracker in list(self._open_trackers()):
             try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.run_dir / "tb"))
-            except Exception as e:  # tensorboard missing or broken: keep training, say so once
-                self.warn(f"TensorBoard logging disabled ({e})")
-                self._tb = False
-        return self._tb or None
+                tracker.log(values, record["step"])
+            except Exception as e:  # noqa: BLE001 - a full disk or a lost server must not stop training
+                self._trackers.remove(tracker)
+                self.warn(f"{tracker.name} logging stopped ({type(e).__name__}: {e})")
 
     def train_record(self, loop, *, loss: float, aux_loss: float, lr: float, grad_norm: float,
                      tokens_per_s: float, router: list[dict], skipped: bool,
@@ -86,18 +122,7 @@ class RunLogger:
             # one value per rank: bytes sent and seconds spent in all-to-all and FSDP collectives
             record["comm"] = comm
         self._append(record)
-        tb = self._writer()
-        if tb:
-            tb.add_scalar("train/loss", loss, loop.step)
-            tb.add_scalar("train/aux_loss", aux_loss, loop.step)
-            tb.add_scalar("train/lr", lr, loop.step)
-            tb.add_scalar("train/tokens_per_s", tokens_per_s, loop.step)
-            for r in router:
-                for key in ("load_cv", "max_over_mean", "dropped_fraction", "entropy"):
-                    tb.add_scalar(f"router/layer{r['layer']}/{key}", r[key], loop.step)
-            if comm is not None:
-                for key in ("alltoall_bytes", "alltoall_s", "fsdp_bytes", "fsdp_s"):
-                    tb.add_scalar(f"comm/{key}", max(comm.get(key, [0])), loop.step)
+        self._track(record)
 
     def eval_record(self, loop, val_loss: float, mlm_accuracy: Optional[float] = None) -> None:
         """A validation record; a masked LM's also holds its masked-token accuracy."""
@@ -109,12 +134,7 @@ class RunLogger:
         if mlm_accuracy is not None:
             record["mlm_accuracy"] = mlm_accuracy
         self._append(record)
-        tb = self._writer()
-        if tb:
-            tb.add_scalar("val/loss", val_loss, loop.step)
-            tb.add_scalar("val/perplexity", ppl, loop.step)
-            if mlm_accuracy is not None:
-                tb.add_scalar("val/mlm_accuracy", mlm_accuracy, loop.step)
+        self._track(record)
         if not self.interactive:
             extra = f"  masked-token accuracy {mlm_accuracy:.4f}" if mlm_accuracy is not None else ""
             self.info(f"step {loop.step:>6}  tokens {loop.tokens:>11,}  val loss {val_loss:.4f}  "
@@ -149,6 +169,19 @@ class RunLogger:
             self._progress = None
 
     def close(self) -> None:
+        """Stop the progress bar and finish the trackers, with the run's summary when it has one
+        (a run stopped by a signal has none yet)."""
         self.stop_progress()
-        if self._tb:
-            self._tb.close()
+        summary = None
+        path = self.run_dir / SUMMARY_FILE
+        if self._trackers and path.is_file():
+            try:
+                summary = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                summary = None
+        for tracker in self._trackers or []:
+            try:
+                tracker.finish(summary)
+            except Exception as e:  # noqa: BLE001
+                self.warn(f"{tracker.name} could not finish ({type(e).__name__}: {e})")
+        self._trackers = None

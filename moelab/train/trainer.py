@@ -31,8 +31,7 @@ from moelab.parallel.layout import device_for, layout_from_env
 from moelab.parallel.runtime import start as start_runtime
 from moelab.fileio import write_json, write_text_atomic
 from moelab.runfolder import (
-    CONFIG_FILE, METRICS_FILE, RUN_META_FILE, SUMMARY_FILE, TOKENIZER_FILE, CheckpointError, load,
-    read_config,
+    CONFIG_FILE, METRICS_FILE, RUN_META_FILE, SUMMARY_FILE, TOKENIZER_FILE, CheckpointError, read_config,
 )
 from moelab.stop import GracefulStop, StoppedByRequest
 from moelab.train.allocator import reuse_freed_memory
@@ -190,7 +189,7 @@ def setup(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: b
     from moelab.data import objective_batches, prepare_data
 
     t_cfg, layout, device = cfg.train, runtime.layout, runtime.device
-    logger = RunLogger(run_dir, show_progress=show_progress, log=log, writer=layout.is_main)
+    logger = RunLogger(run_dir, show_progress=show_progress, log=log, writer=layout.is_main, config=cfg)
     files = RunFolderWriter(run_dir, layout.is_main)
     point = _resume_point(run_dir, strict_resume, runtime, logger) if resume else None
     torch.manual_seed(t_cfg.seed)
@@ -203,10 +202,9 @@ def setup(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: b
 
     logger.open_tensorboard()           # its import is not training memory: do it before tracking
     memory = PeakMemory(device).start()
-    model = _build_model(cfg, device, init_from, logger)
+    model = _build_model(cfg, runtime, init_from, logger)     # built on meta, sharded, then filled
     if adapter is not None:             # LoRA: base frozen, adapter trainable (moelab.adapt.lora)
         model = adapter.wrap(model, logger.info)
-    model = runtime.wrap(model)
     optimizer = build_optimizer(model, t_cfg)
     checkpointer = Checkpointer(run_dir, runtime, t_cfg.keep_checkpoints, weights=adapter)
     loop = LoopState()
@@ -235,14 +233,39 @@ def setup(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: b
                memory, budget, loop, info, data.corpus.sha256)
 
 
-def _build_model(cfg: Config, device: torch.device, init_from, logger: RunLogger) -> Transformer:
-    """The model every rank starts from: seeded initial weights, or those of ``init_from``."""
+def _build_model(cfg: Config, runtime, init_from, logger: RunLogger) -> Transformer:
+    """The model every rank starts from, already wrapped by ``runtime`` (expert parallelism and
+    FSDP2): built on the meta device, sharded there, then each rank fills only its own shards, so
+    no rank ever holds the whole model. From scratch, the weights are those an eager
+    ``Transformer(cfg.model)`` draws after ``torch.manual_seed(train.seed)``, bit for bit, and the
+    RNG continues from where that build would leave it (``moelab.model.init_replay``). With
+    ``init_from`` (a run folder, checkpoint, Hugging Face folder or Hub id) each rank reads its
+    rows straight from the safetensors files (``moelab.interop.sharded``) and the RNG restarts at
+    ``train.seed``: no initial weights are drawn."""
+    from moelab.model.init_replay import build_recorded
+    from moelab.model.weights import StateMismatch, build_on_meta
+    from moelab.parallel.load import allocate, load_rows, put, unfilled
+
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(device)        # the same full weights on every rank
-    if init_from is not None:
-        source = load(init_from, dtype=torch.float32)
-        model.load_state_dict(source.state_dict())
+    if init_from is None:
+        model, recipe = build_recorded(cfg.model)
+    else:
+        model, recipe = build_on_meta(cfg.model), None
+    model = runtime.wrap(model)
+    allocate(model, runtime.device)
+    if recipe is not None:
+        recipe.replay(lambda name, full: put(model, name, full))
+    else:
+        from moelab.interop.sharded import open_rows
+        try:
+            load_rows(model, open_rows(init_from))
+        except StateMismatch as e:
+            raise CheckpointError(str(e)) from None
+        torch.manual_seed(cfg.train.seed)
         logger.info(f"initialised weights from {init_from}")
+    left = unfilled(model)
+    if left:
+        raise RuntimeError(f"the model build left {left[:5]} without a value")
     model.train()
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     if cfg.train.compile:

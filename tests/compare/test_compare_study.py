@@ -16,6 +16,8 @@ from moelab.compare.findings import noise_lines
 from moelab.compare.plan import load_plan, parse_budget, parse_budgets, parse_seeds
 from moelab.compare.plots import scaling_plots
 
+pytestmark = pytest.mark.slow      # the module's study trains a whole compare
+
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
         "model.ffn_hidden=128", "model.moe.expert_hidden=64", "model.max_seq_len=64",
         "train.batch_size=4", "train.seq_len=32", "train.eval_batches=4",

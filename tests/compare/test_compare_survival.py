@@ -13,6 +13,8 @@ from moelab.lock import FolderLock
 from moelab.runfolder import checkpoint_dirs
 from moelab.stop import EXIT_STOPPED
 
+pytestmark = pytest.mark.slow      # compares in subprocesses, torchrun
+
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
         "model.ffn_hidden=128", "model.moe.expert_hidden=64", "model.moe.num_experts=4",
         "model.max_seq_len=64", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",

@@ -100,6 +100,17 @@ def hf_model(family: str, overrides: dict, seed: int = 0):
     return model.eval()
 
 
+def tiny_tokenizer_json(n_words: int = 40) -> str:
+    """A real (loadable) word-level tokenizer.json with Llama's special tokens, ids below 64, for
+    folders whose tiny models embed fewer ids than a byte-level BPE needs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": 3 + i for i in range(n_words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return tok.to_str()
+
+
 def hf_forward(model, tokens: torch.Tensor):
     """Logits and each MoE layer's chosen experts (N, K), caught by hooks on the HF routers."""
     chosen = []

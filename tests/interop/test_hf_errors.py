@@ -181,8 +181,9 @@ def test_cli_round_trip_and_errors(mixtral_dir, tmp_path, capsys):
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "x"), "--family", "llama"]) == 2
     assert "cannot export to llama" in capsys.readouterr().err
     assert main(["convert", "--from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
-    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "z")]) == 2
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "z")]) == 0   # family: the imported one
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert json.loads((tmp_path / "z" / "config.json").read_text())["model_type"] == "mixtral"
 
 
 def test_shard_plan_and_sizes():

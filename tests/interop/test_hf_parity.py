@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 import moelab
 from moelab.interop import export_hf, from_transformers, import_hf, to_transformers
 
-from hf_models import ALL_CASES, hf_forward, hf_model, our_forward, same_choices, transformers
+from hf_models import (ALL_CASES, hf_forward, hf_model, our_forward, same_choices, tiny_tokenizer_json,
+                       transformers)
 
 TOL = 1e-4
 IDS = [f"{fam}-{cid}" for fam, cid, _ in ALL_CASES]
@@ -38,26 +39,20 @@ def test_in_memory_both_ways(family, case, kwargs):
     assert same_choices(back_ids, ids)
 
 
-def _tiny_tokenizer_json() -> str:
-    from tokenizers import Tokenizer, models
-    return Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])).to_str()
-
-
 @pytest.mark.parametrize("family,case,kwargs", ALL_CASES, ids=IDS)
 def test_folders_round_trip(family, case, kwargs, tmp_path):
     hf = hf_model(family, kwargs)
     src = tmp_path / "hf"
     hf.save_pretrained(src, max_shard_size="40KB" if case.endswith("groups") else "5GB")
     assert (src / "model.safetensors.index.json").is_file() == case.endswith("groups")  # sharded
-    tokenizer = _tiny_tokenizer_json()
-    (src / "tokenizer.json").write_text(tokenizer)
+    (src / "tokenizer.json").write_text(tiny_tokenizer_json())
     x = _tokens()
     hf_logits, hf_ids = hf_forward(hf, x)
 
     import_hf(src, tmp_path / "run")
     run_cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert set(run_cfg) == {"model", "train", "data", "parallel"}
-    assert (tmp_path / "run" / "tokenizer.json").read_text() == tokenizer
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == tiny_tokenizer_json()
     ours = moelab.load(tmp_path / "run")
     logits, ids = our_forward(ours, x)
     assert (logits - hf_logits).abs().max() < TOL

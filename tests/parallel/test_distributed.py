@@ -21,6 +21,8 @@ from moelab.runfolder import checkpoint_dirs, load, load_metrics, load_tensors
 from moelab.stop import EXIT_STOPPED
 from moelab.train.trainer import train
 
+pytestmark = pytest.mark.slow      # every test starts torchrun
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
         "model.max_seq_len=64", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",

@@ -50,6 +50,7 @@ def test_nproc_refuses_a_bad_layout_before_starting_processes(tmp_path, capsys):
     assert "parallel.ep = 3" in err and "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_missing_rendezvous_is_a_clear_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MOELAB_CACHE=str(tmp_path / "cache"))
@@ -61,6 +62,7 @@ def test_a_missing_rendezvous_is_a_clear_error(tmp_path):
     assert "MASTER_ADDR" in proc.stderr and "torchrun" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_nproc_trains_on_two_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"

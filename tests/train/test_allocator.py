@@ -37,6 +37,7 @@ def test_user_settings_win(setting):
     assert _probe(**{setting: "65536"}) == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_a_step_s_worth_of_tensors_comes_back_without_page_faults():
     """The effect itself, on a training step's pattern: many multi-MiB tensors alive at once,
     then all freed. Without reuse (glibc's initial 128 KiB mmap threshold, pinned here because

@@ -48,6 +48,7 @@ def _cli(preset, sets, out):
     return args
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
     # no periodic checkpoint at all: only the stop request saves one
     sets = ["train.max_steps=60", "train.save_every=100000", "train.save_every_minutes=none",
@@ -131,6 +132,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(tmp_path, monkey
     assert _losses(run) == _losses(tmp_path / "full")
 
 
+@pytest.mark.slow
 def test_a_save_past_the_file_size_limit_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     sets = ["train.max_steps=4", "train.save_every=4", "train.eval_every=100", "train.save_every_minutes=none"]

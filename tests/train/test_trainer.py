@@ -81,6 +81,7 @@ def test_stop_and_resume_equals_uninterrupted_bit_for_bit(tmp_path, monkeypatch)
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")   # exact floats, every step
 
 
+@pytest.mark.slow
 def test_kill_9_between_checkpoints_resumes_from_last(tmp_path):
     """A real SIGKILL between checkpoints; the resumed run must match an uninterrupted one."""
     run = tmp_path / "killed"

@@ -42,9 +42,58 @@ def transformers_defaults(model_type: str) -> dict:
         return {}
 
 
+# The JSON type each config.json field the families read must have (None is always allowed: a
+# missing value falls back to a default or is refused by the family). A value of another type
+# (``hidden_size: "abc"``, ``rope_parameters: "yarn"``) is refused by name, before any arithmetic.
+_INT, _FLOAT, _BOOL, _STR, _DICT, _LIST = "an integer", "a number", "true or false", "a string", "an object", "a list"
+FIELD_TYPES = {
+    **dict.fromkeys((
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "head_dim", "num_experts_per_tok",
+        "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
+        "shared_expert_intermediate_size", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "qk_head_dim", "first_k_dense_replace", "n_group",
+        "topk_group", "n_shared_experts", "decoder_sparse_step", "moe_layer_freq", "sliding_window",
+        "max_window_layers", "num_nextn_predict_layers"), _INT),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor",
+                     "router_aux_loss_coef", "clip_qkv"), _FLOAT),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob", "qkv_bias",
+                     "rope_interleave", "use_sliding_window"), _BOOL),
+    **dict.fromkeys(("hidden_act", "scoring_func", "topk_method", "model_type"), _STR),
+    **dict.fromkeys(("rope_parameters", "rope_scaling", "quantization_config"), _DICT),
+    **dict.fromkeys(("mlp_only_layers", "layer_types"), _LIST),
+}
+# rope_parameters / rope_scaling entries that are numbers
+ROPE_NUMBERS = {"rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
+                "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                "attention_factor", "partial_rotary_factor"}
+
+
+def has_type(value: Any, kind: str) -> bool:
+    """Whether a JSON value is of ``kind`` (one of the FIELD_TYPES descriptions); None always is."""
+    if value is None:
+        return True
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {_INT: number and float(value).is_integer(), _FLOAT: number, _BOOL: isinstance(value, bool),
+            _STR: isinstance(value, str), _DICT: isinstance(value, dict),
+            _LIST: isinstance(value, list)}[kind]
+
+
+def check_type(family: str, key: str, value: Any, kind: Optional[str]) -> Any:
+    """``value`` itself when it has the JSON type ``kind`` (whole floats become ints), else an
+    InteropError naming the field, its value and the type it needs."""
+    if kind is None or value is None:
+        return value
+    if not has_type(value, kind):
+        text = repr(value)
+        text = text if len(text) <= 60 else text[:57] + "..."
+        raise InteropError(f"config.json ({family}): {key} = {text} has the wrong type: must be {kind}")
+    return int(value) if kind == _INT else value
+
+
 class HFConfig:
     """A Hugging Face config.json (a dict) that records which keys were read, so that keys nobody
-    read can be reported instead of silently ignored."""
+    read can be reported instead of silently ignored, and checks each value's JSON type."""
 
     def __init__(self, data: dict, family: str):
         self.data, self.family = dict(data), family
@@ -63,14 +112,14 @@ class HFConfig:
                                    + ("" if self.defaults else " (with transformers installed, its "
                                       "default for the family would be used)"))
             return default
-        return value
+        return check_type(self.family, key, value, FIELD_TYPES.get(key))
 
     def first(self, *keys: str) -> Any:
         """The first of several spellings that is present (transformers' attribute_map aliases)."""
         for key in keys:
             if self.data.get(key) is not None:
                 self.read.update(keys)
-                return self.data[key]
+                return check_type(self.family, key, self.data[key], FIELD_TYPES.get(key))
         raise InteropError(f"config.json ({self.family}) has none of {', '.join(map(repr, keys))}")
 
     def fail(self, key: str, value: Any, why: str) -> None:
@@ -106,6 +155,9 @@ def read_rope(c: HFConfig, default_theta: float) -> tuple[float, dict]:
     implemented; dynamic NTK and LongRoPE are refused."""
     params = c.get("rope_parameters", None) or {}
     legacy = c.get("rope_scaling", None) or {}
+    for name, d in (("rope_parameters", params), ("rope_scaling", legacy)):
+        for key in ROPE_NUMBERS & set(d):
+            check_type(c.family, f"{name}.{key}", d[key], _FLOAT)
     theta = params.get("rope_theta", c.get("rope_theta", default_theta))
     scaling: dict = {}
     for name, d in (("rope_parameters", params), ("rope_scaling", legacy)):
