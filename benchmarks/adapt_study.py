@@ -41,10 +41,11 @@ from moelab.runfolder import load_metrics, read_summary  # noqa: E402
 
 SIZES = {
     "full": {
-        "model": ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.ffn_hidden=512"],
+        # sized so both studies finish in about 40 minutes on a shared 2-core CPU
+        "model": ["model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.ffn_hidden=512"],
         "train": ["train.batch_size=8", "train.seq_len=128", "train.eval_batches=8", "train.log_every=10"],
         "data": [],
-        "pretrain": 600_000, "extra": "200k", "seeds": 3, "finetune": 100_000, "tokens_per_step": 1024,
+        "pretrain": 400_000, "extra": "150k", "seeds": 3, "finetune": 60_000, "tokens_per_step": 1024,
         "moe": ["model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.expert_hidden=256"],
         "experts": 8, "top_k": 2,
     },
