@@ -22,7 +22,7 @@ from typing import Optional
 
 # command name -> module in moelab.commands exposing add_parser(subparsers)
 COMMANDS = ["presets", "config", "info", "train", "eval", "convert", "compare", "generate", "bench",
-            "plan", "inspect", "search", "studies"]
+            "plan", "inspect", "search", "studies", "upcycle", "finetune"]
 EXIT_INTERRUPTED = 130          # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 

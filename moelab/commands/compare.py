@@ -43,6 +43,11 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (units, sizes, matching) and stop before training")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
+    # upcycling arms (planned by moelab.adapt.arms): continue a finished dense run as dense and upcycled
+    p.add_argument("--from", dest="from_run", metavar="RUN",
+                   help="continue the finished dense RUN for --budget extra tokens as each arm of "
+                        "--models: dense,upcycle:E=8,K=2,method=drop (a scratch MoE of each shape is "
+                        "added); see docs/upcycle.md")
     add_output_args(p)
     p.set_defaults(func=run)
 
@@ -78,7 +83,7 @@ def _check_new_folder(out_dir: Path, dry_run: bool) -> None:
 
 
 def _new_plan(args) -> tuple[dict, Path]:
-    from moelab.compare import DEFAULT_BUDGET, DEFAULT_SEEDS
+    from moelab.compare import DEFAULT_BUDGET, DEFAULT_MATCH, DEFAULT_SEEDS
     from moelab.compare.plan import build_plan, check_budget_scale, parse_budget, parse_budgets, scale_budget
     if args.budget is not None and args.budgets is not None:
         raise_user("give --budget (one budget) or --budgets (several), not both")
@@ -95,8 +100,16 @@ def _new_plan(args) -> tuple[dict, Path]:
         texts = [text if scale == 1.0 else budgets[0].label]
     out_dir = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_new_folder(out_dir, args.dry_run)
-    plan = build_plan(models, budgets, texts, args.seeds or DEFAULT_SEEDS, args.match, args.overrides, out_dir,
-                      _command(), nproc=args.nproc)
+    seeds = args.seeds or DEFAULT_SEEDS
+    if args.from_run:                                   # upcycling arms (moelab.adapt.arms)
+        from moelab.adapt.arms import continuation_plan
+        if args.budgets is not None or args.nproc != 1 or args.match != DEFAULT_MATCH or scale != 1.0:
+            raise_user("--from takes one --budget (extra tokens), one process, no --match and no --budget-scale")
+        plan = continuation_plan(args.models, args.from_run, args.budget, seeds, args.overrides, out_dir,
+                                 _command())
+    else:
+        plan = build_plan(models, budgets, texts, seeds, args.match, args.overrides, out_dir, _command(),
+                          nproc=args.nproc)
     plan["load_average"] = _load_average()
     return plan, out_dir
 
@@ -104,7 +117,7 @@ def _new_plan(args) -> tuple[dict, Path]:
 def _new_study(args) -> tuple[dict, Path]:
     from moelab.compare.study import find_study, load_study
     from moelab.compare.study_run import plan_study
-    given = [f"--{k}" for k in ("models", "budget", "budgets", "match") if _given(args, k)]
+    given = [f"--{_FLAGS.get(k, k)}" for k in ("models", "budget", "budgets", "match", "from_run") if _given(args, k)]
     if given:
         raise_user(f"--study {args.study}: the study file sets the models, budgets and matching; drop "
                    f"{', '.join(given)} (use --budget-scale to train longer, --seeds and --set to change the rest)")
@@ -117,7 +130,8 @@ def _new_study(args) -> tuple[dict, Path]:
 
 
 _DEFAULTS = {"budget": None, "budgets": None, "seeds": None, "out": None, "overrides": [], "nproc": 1,
-             "study": None, "budget_scale": 1.0}
+             "study": None, "budget_scale": 1.0, "from_run": None}
+_FLAGS = {"overrides": "set", "from_run": "from"}       # option names where they differ from the dest
 
 
 def _given(args, key: str) -> bool:
@@ -128,7 +142,7 @@ def _given(args, key: str) -> bool:
 
 def _plan_options_given(args) -> list[str]:
     keys = ["models", "match", *_DEFAULTS]
-    return [f"--{'set' if k == 'overrides' else k.replace('_', '-')}" for k in keys if _given(args, k)]
+    return [f"--{_FLAGS.get(k, k.replace('_', '-'))}" for k in keys if _given(args, k)]
 
 
 def _unit_config(unit: dict):
@@ -218,6 +232,10 @@ def run(args) -> int:
         if not args.resume:
             first = next(iter(plans.values()))
             write_study(plans, first.get("study"), out_dir, first["command"], _load_average())
+        for plan in plans.values():
+            if plan.get("continuation"):                # the upcycled folders its arms start from
+                from moelab.adapt.arms import prepare_arms
+                prepare_arms(plan, log=_log)
         # every unit is one run of one wandb group / MLflow experiment named after the compare
         os.environ.update(group_env(f"moelab-{out_dir.resolve().name}"))
         unit_output = (("--quiet",) if args.quiet else ()) + (("--log-file", args.log_file) if args.log_file else ())

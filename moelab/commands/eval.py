@@ -12,7 +12,9 @@ from moelab.commands import raise_user
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="validation loss and perplexity of a run")
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", help="run folder (or a LoRA adapter folder from moelab finetune)")
+    p.add_argument("--base", default=None, metavar="BASE",
+                   help="for an adapter folder: its base model, when the path it records has moved")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
     p.add_argument("--json", action="store_true",
                    help="print {\"val_loss\", \"perplexity\"} as JSON (a masked LM adds "
@@ -43,6 +45,7 @@ def run(args) -> int:
 
     if args.batches is not None and not 1 <= args.batches <= MAX_BATCH:
         raise_user(f"--batches = {args.batches} is invalid: must be >= 1 and <= {MAX_BATCH:,}")
+    from moelab.adapt.lora import is_adapter_folder, load_adapter_model
     try:
         cfg = read_config(args.run)
     except CheckpointError as e:
@@ -53,7 +56,12 @@ def run(args) -> int:
     refuse_unless_fits(inference_bytes(cfg.model, 4, t.batch_size, seq), available_on(device),
                        "evaluating this model in float32", str(device), "it does not fit this machine")
     try:
-        model = load(args.run, dtype=torch.float32)
+        if is_adapter_folder(args.run):             # base + adapter, merged in memory
+            model = load_adapter_model(args.run, base=args.base, dtype=torch.float32)
+        elif args.base is not None:
+            raise_user(f"--base applies to adapter folders only; {args.run!r} is a run folder")
+        else:
+            model = load(args.run, dtype=torch.float32)
     except CheckpointError as e:
         raise_user(str(e))
     data_cfg = cfg.data

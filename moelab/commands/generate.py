@@ -17,7 +17,10 @@ from moelab.commands import check_device, raise_user
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a run folder's model")
-    p.add_argument("run", metavar="RUN", help="run folder (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("run", metavar="RUN", help="run folder (config.json, model.safetensors, tokenizer.json), "
+                                              "or a LoRA adapter folder from moelab finetune")
+    p.add_argument("--base", default=None, metavar="BASE",
+                   help="for an adapter folder: its base model, when the path it records has moved")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
@@ -59,11 +62,16 @@ INT8_NOTE = ("note: torch's int8 weight-only decoding is not reliably faster tha
 def _load(args):
     """Model and tokenizer of the run folder (or HF folder / Hub id); every failure names what is
     wrong."""
+    from moelab.adapt.lora import is_adapter_folder, load_adapter_model
     from moelab.config import OptionError
     from moelab.runfolder import TOKENIZER_FILE, CheckpointError, load
+    if args.base is not None and not is_adapter_folder(args.run):
+        raise_user(f"--base applies to adapter folders only; {args.run!r} is not one")
+    loader = load_adapter_model if is_adapter_folder(args.run) else load
+    extra = {"base": args.base} if is_adapter_folder(args.run) else {}
     try:
-        model = load(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                     note=lambda m: print(f"note: {m}", file=sys.stderr))
+        model = loader(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       note=lambda m: print(f"note: {m}", file=sys.stderr), **extra)
     except CheckpointError as e:
         raise_user(f"RUN: {e}")
     except OptionError as e:   # a bad --dtype, or --quantize without torchao

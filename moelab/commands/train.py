@@ -64,6 +64,14 @@ def run(args) -> int:
     command = "moelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cfg, run_dir = None, None
     try:
+        if args.resume and _is_adapter_run(args.resume):     # a LoRA fine-tune: resumed as one
+            from moelab.adapt.finetune import resume_finetune
+            if args.preset or args.config or args.init_from or args.nproc is not None:
+                raise_user("--resume continues a fine-tune with its own settings; drop "
+                           "--preset/--config/--init-from/--nproc")
+            resume_finetune(args.resume, overrides, strict_resume=args.strict_resume, command=command,
+                            show_progress=False if args.no_progress else None)
+            return 0
         if args.resume:
             if args.preset or args.config or args.init_from:
                 raise_user("--resume continues a run with its own config; drop --preset/--config/--init-from")
@@ -73,6 +81,9 @@ def run(args) -> int:
         else:
             args.overrides = overrides
             cfg = config_from_args(args)
+            if args.init_from and _is_adapter_run(args.init_from):
+                raise_user(f"--init-from {args.init_from!r} is a LoRA adapter folder: start from its "
+                           f"merged weights instead ({args.init_from}/merged, written by moelab finetune --merge)")
             if args.init_from:
                 # the weights come with their model config and, unless data.tokenizer says
                 # otherwise, their tokenizer: token ids must mean what the embeddings learned
@@ -210,6 +221,11 @@ def _check_memory(cfg, nproc) -> None:
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _is_adapter_run(run_dir: str) -> bool:
+    from moelab.adapt.lora import is_adapter_folder
+    return is_adapter_folder(run_dir)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -112,31 +112,58 @@ def _full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return {"state": state, "param_groups": groups}
 
 
+class FullWeights:
+    """What a checkpoint keeps of the model: by default every weight (model.safetensors). A LoRA
+    run passes its adapter instead (``moelab.adapt.lora``: the trainable tensors in peft's
+    format, the frozen base never copied); ``files`` are copied to the run folder after a save."""
+
+    files = (WEIGHTS_FILE,)
+
+    def write(self, folder: Path, model) -> None:
+        save_tensors(folder / WEIGHTS_FILE, model_state(model))
+
+    def verify(self, folder: Path) -> None:
+        load_tensors(folder / WEIGHTS_FILE)
+
+    def restore(self, folder: Path, model) -> None:
+        load_weights_into(model, load_tensors(folder / WEIGHTS_FILE), str(folder))
+
+
+FULL_WEIGHTS = FullWeights()
+
+
 class LocalFormat:
-    """One process: the full weights, the optimizer state by parameter index and the RNG."""
+    """One process: the weights, the optimizer state by parameter index and the RNG."""
 
     name = "local"
 
-    def write(self, tmp: Path, model, optimizer, loop: LoopState, runtime) -> None:
-        save_tensors(tmp / WEIGHTS_FILE, model_state(model))
+    def write(self, tmp: Path, model, optimizer, loop: LoopState, runtime, weights=FULL_WEIGHTS) -> None:
+        weights.write(tmp, model)
         opt, meta = optimizer_tensors(optimizer)
         opt["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             opt["rng.cuda"] = torch.cuda.get_rng_state()
         save_tensors(tmp / OPTIMIZER_FILE, opt)
-        write_json(tmp / STATE_FILE, {**loop.as_state(), "format": self.name, "optimizer": meta})
+        write_json(tmp / STATE_FILE, {**loop.as_state(), "format": self.name, "optimizer": meta,
+                                      "weight_files": list(weights.files)})
 
     def verify(self, ckpt: Path, state: dict) -> None:
-        load_tensors(ckpt / WEIGHTS_FILE), load_tensors(ckpt / OPTIMIZER_FILE)
+        for name in state.get("weight_files", [WEIGHTS_FILE]):
+            if name.endswith(".safetensors"):
+                load_tensors(ckpt / name)
+            elif not (ckpt / name).is_file():
+                raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {name})")
+        load_tensors(ckpt / OPTIMIZER_FILE)
 
-    def restore(self, ckpt: Path, state: dict, model, optimizer, runtime) -> None:
-        weights, opt = load_tensors(ckpt / WEIGHTS_FILE), load_tensors(ckpt / OPTIMIZER_FILE)
+    def restore(self, ckpt: Path, state: dict, model, optimizer, runtime, weights=FULL_WEIGHTS) -> None:
+        opt = load_tensors(ckpt / OPTIMIZER_FILE)
         meta = state["optimizer"]
         if runtime.layout.distributed:            # full tensors into this rank's shards
             from moelab.parallel.checkpoint import load_full_into
-            load_full_into(model, optimizer, weights, _full_optimizer_state(model, optimizer, opt, meta))
+            weights_ = load_tensors(ckpt / WEIGHTS_FILE)
+            load_full_into(model, optimizer, weights_, _full_optimizer_state(model, optimizer, opt, meta))
         else:
-            load_weights_into(model, weights, str(ckpt))
+            weights.restore(ckpt, model)
             optimizer.load_state_dict({"state": _optimizer_state_by_index(opt),
                                        "param_groups": meta["param_groups"]})
             if "rng.cuda" in opt and torch.cuda.is_available():
@@ -149,7 +176,7 @@ class ShardedFormat:
 
     name = "sharded"
 
-    def write(self, tmp: Path, model, optimizer, loop: LoopState, runtime) -> None:
+    def write(self, tmp: Path, model, optimizer, loop: LoopState, runtime, weights=FULL_WEIGHTS) -> None:
         from moelab.parallel.checkpoint import CONSOLIDATED_FILE, MODEL_DIR, save_sharded
         layout = runtime.layout
         groups = save_sharded(tmp, model, optimizer, layout.rank)
@@ -179,7 +206,7 @@ class ShardedFormat:
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"checkpoint {ckpt} is damaged ({f.relative_to(ckpt)}: {e})") from None
 
-    def restore(self, ckpt: Path, state: dict, model, optimizer, runtime) -> None:
+    def restore(self, ckpt: Path, state: dict, model, optimizer, runtime, weights=FULL_WEIGHTS) -> None:
         from moelab.parallel.checkpoint import load_sharded
         load_sharded(ckpt, model, optimizer, state["optimizer"]["param_groups"], runtime.layout.rank)
 
@@ -260,9 +287,10 @@ class Checkpointer:
     """Saves and restores training checkpoints for ``runtime``'s processes and keeps the run's
     top-level weights on the newest one. Only the main process renames, copies and prunes."""
 
-    def __init__(self, run_dir: Path, runtime, keep: int):
+    def __init__(self, run_dir: Path, runtime, keep: int, weights=None):
         self.run_dir, self.runtime, self.keep = Path(run_dir), runtime, keep
         self.format = FORMATS["sharded" if runtime.layout.distributed else "local"]
+        self.weights = weights or FULL_WEIGHTS     # what of the model a checkpoint holds
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState) -> Path:
         final = self.run_dir / checkpoint_name(loop.step)
@@ -275,7 +303,7 @@ class Checkpointer:
         failure: Optional[BaseException] = None
         stage = "checkpoint"
         try:
-            self.format.write(tmp, model, optimizer, loop, self.runtime)
+            self.format.write(tmp, model, optimizer, loop, self.runtime, self.weights)
             if main:
                 fsync_dir(tmp)
                 if final.exists():
@@ -284,7 +312,8 @@ class Checkpointer:
                 fsync_dir(self.run_dir)
                 stage = "weights"           # the checkpoint is complete from here
                 # the run's top-level weights follow the newest checkpoint
-                atomic_write(self.run_dir / WEIGHTS_FILE, lambda t: shutil.copyfile(final / WEIGHTS_FILE, t))
+                for name in self.weights.files:
+                    atomic_write(self.run_dir / name, lambda t, name=name: shutil.copyfile(final / name, t))
                 for old in checkpoint_dirs(self.run_dir)[:-self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
         except BaseException as e:          # noqa: BLE001 - cleaned up and re-raised below
@@ -331,5 +360,5 @@ class Checkpointer:
 
     def restore(self, point: ResumePoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
         FORMATS[point.state.get("format", "local")].restore(point.path, point.state, model, optimizer,
-                                                             self.runtime)
+                                                             self.runtime, self.weights)
         return LoopState.from_state(point.state)

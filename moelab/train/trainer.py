@@ -11,6 +11,7 @@ reproduces the uninterrupted per-step losses bit for bit.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import platform
 import statistics
@@ -93,7 +94,10 @@ class RunFolderWriter:
 
     def meta(self, meta: dict) -> None:
         if self.active:
-            write_json(self.run_dir / RUN_META_FILE, meta)
+            path = self.run_dir / RUN_META_FILE
+            if meta.get("parent") is None and path.is_file():   # a resumed run keeps its parent
+                meta["parent"] = json.loads(path.read_text(encoding="utf-8")).get("parent")
+            write_json(path, meta)
 
     def summary(self, summary: dict) -> None:
         if self.active:
@@ -135,10 +139,11 @@ class StepResult:
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, strict_resume: bool = False,
           init_from: str | Path | None = None, command: str = "", log: Callable[[str], None] | None = None,
-          show_progress: bool | None = None) -> dict:
+          show_progress: bool | None = None, adapter=None) -> dict:
     """Train (or resume) the run in ``run_dir`` on this process, or on every process of a torchrun
     job; returns its summary (also in summary.json). Raises StoppedByRequest after a signal asked
-    the run to stop and its checkpoint is written."""
+    the run to stop and its checkpoint is written. ``adapter``: a LoRA run (``moelab.adapt.lora``):
+    it wraps the built model and is what checkpoints hold instead of the full weights."""
     cfg.validate_for_training()                      # before any file or data work
     layout = layout_from_env(cfg)                    # before any process-group work
     device = device_for(layout, cfg.train.device)
@@ -148,7 +153,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, strict_resu
     try:
         with _run_folder_lock(Path(run_dir), runtime):
             run = setup(cfg, Path(run_dir), runtime, resume=resume, strict_resume=strict_resume,
-                        init_from=init_from, command=command, log=log, show_progress=show_progress)
+                        init_from=init_from, command=command, log=log, show_progress=show_progress,
+                        adapter=adapter)
             return run_loop(run)
     finally:
         runtime.close()
@@ -179,7 +185,7 @@ def _run_folder_lock(run_dir: Path, runtime):
 # ---------------------------------------------------------------------------------------------
 
 def setup(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: bool, init_from,
-          command: str, log, show_progress) -> Run:
+          command: str, log, show_progress, adapter=None) -> Run:
     """Data, model, optimiser, checkpointer and logger of a new or resumed run; the run folder's
     files written (new run) or the checkpoint restored (resume)."""
     from moelab.data import objective_batches, prepare_data
@@ -201,8 +207,10 @@ def setup(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: b
     model = _build_model(cfg, runtime, init_from, logger)     # built on meta, sharded, then filled
     if init_from is None and point is None and fit_hash_routers(model, data.train_tokens):
         logger.info("hash routers: balanced token-id tables fitted to the training tokens")
+    if adapter is not None:             # LoRA: base frozen, adapter trainable (moelab.adapt.lora)
+        model = adapter.wrap(model, logger.info)
     optimizer = build_optimizer(model, t_cfg)
-    checkpointer = Checkpointer(run_dir, runtime, t_cfg.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir, runtime, t_cfg.keep_checkpoints, weights=adapter)
     loop = LoopState()
     if point is not None:
         loop = checkpointer.restore(point, model, optimizer)
@@ -217,6 +225,7 @@ def setup(cfg: Config, run_dir: Path, runtime, *, resume: bool, strict_resume: b
         "world_size": layout.world_size, "layout": layout.describe(),
         "total_params": info["total_params"], "active_params": info["active_params"],
         "flops_per_token": info["flops_per_token"],
+        "parent": str(init_from) if init_from is not None else None,   # the run it started from
     })
     tokens_per_step = t_cfg.batch_size * t_cfg.seq_len * t_cfg.grad_accum
     budget = Budget(t_cfg.max_steps, t_cfg.max_tokens,
