@@ -44,9 +44,31 @@ SUMMARY_FILE = "summary.json"
 RUN_META_FILE = "run_meta.json"
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{8})$")
 # a Hub model id: owner/name (what huggingface_hub accepts as repo_id for models)
+# What makes a folder someone's model or run: `train --out` and `finetune --out` refuse a folder
+# holding any of these (train: unless --overwrite). The lock file alone is not a run: a refused or
+# killed writer leaves it.
+RUN_NAMES = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, METRICS_FILE, SUMMARY_FILE, RUN_META_FILE,
+             "model.safetensors.index.json", "tokenizer_config.json", "generation_config.json",
+             "adapter_config.json", "tb", "inspect"}
+RUN_PATTERN = re.compile(r"^(damaged-)?ckpt-\d{8}(\.\d+)?$|^\..*\.tmp$|\.(safetensors|bin|pt|pth|gguf)$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 PathLike = Union[str, Path]
+
+
+class NotAFolder(ValueError):
+    """A path that should be a folder is something else."""
+
+
+def run_files(folder: PathLike) -> list[str]:
+    """The names in ``folder`` that belong to a model or a run (sorted); [] for a missing or new
+    folder. Raises NotAFolder when the path exists and is not a folder."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return []
+    if not folder.is_dir():
+        raise NotAFolder(str(folder))
+    return sorted(p.name for p in folder.iterdir() if p.name in RUN_NAMES or RUN_PATTERN.search(p.name))
 
 
 class CheckpointError(RuntimeError):

@@ -106,7 +106,7 @@ def finetune(base: Union[str, Path], spec: LoraSpec, corpus: str, out: Union[str
     (plus ``merged``: the merged folder with ``merge``)."""
     from moelab.adapt.lora import resolve_targets
     from moelab.model.weights import build_on_meta
-    from moelab.runfolder import checkpoint_dirs, resolve
+    from moelab.runfolder import NotAFolder, checkpoint_dirs, resolve, run_files
     from moelab.train.trainer import train
 
     require_peft()
@@ -118,9 +118,16 @@ def finetune(base: Union[str, Path], spec: LoraSpec, corpus: str, out: Union[str
     _supported(cfg)
     resolve_targets(build_on_meta(cfg.model), spec)          # refuse bad targets before any data work
     out = Path(out)
+    try:
+        found = run_files(out)
+    except NotAFolder:
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder") from None
     if checkpoint_dirs(out) or (out / ADAPTER_CONFIG_FILE).exists():
         raise ConfigError(f"--out {str(out)!r} already holds a run; continue it with "
                           f"moelab finetune --resume {out}, or choose another folder")
+    if found:                 # someone's model or run: never written over
+        raise ConfigError(f"--out {str(out)!r} already holds a model or run ({', '.join(found[:6])}); "
+                          "choose another folder")
     base_path = str(resolve(base).resolve())
     summary = train(cfg, out, init_from=base_path, command=command, show_progress=show_progress,
                     log=log, adapter=LoraRun(base_path, spec=spec))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -12,13 +11,6 @@ import time
 from pathlib import Path
 
 from moelab.commands import add_config_args, add_output_args, config_from_args, message_sink, raise_user
-
-# What makes a folder someone's model or run: `--out` refuses a folder holding any of these
-# (unless --overwrite). The lock file alone is not a run: a refused or killed writer leaves it.
-RUN_NAMES = {"config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "summary.json",
-             "run_meta.json", "model.safetensors.index.json", "tokenizer_config.json",
-             "generation_config.json", "tb", "inspect"}
-RUN_PATTERN = re.compile(r"^(damaged-)?ckpt-\d{8}(\.\d+)?$|^\..*\.tmp$|\.(safetensors|bin|pt|pth|gguf)$")
 
 
 def add_parser(sub) -> None:
@@ -142,12 +134,11 @@ def _lost_peer(e: RuntimeError, cfg, run_dir) -> str | None:
 
 
 def _run_files(run_dir: Path) -> list[str]:
-    """The names in ``run_dir`` that belong to a model or a run (sorted); [] for a new folder."""
-    if not run_dir.exists() and not run_dir.is_symlink():
-        return []
-    if not run_dir.is_dir():
+    from moelab.runfolder import NotAFolder, run_files
+    try:
+        return run_files(run_dir)
+    except NotAFolder:
         raise_user(f"--out {str(run_dir)!r} exists and is not a folder")
-    return sorted(p.name for p in run_dir.iterdir() if p.name in RUN_NAMES or RUN_PATTERN.search(p.name))
 
 
 def _claim_out_dir(run_dir: Path, overwrite: bool) -> None:

@@ -214,3 +214,15 @@ def test_unsupported_runs_are_refused_by_name(env, extra, words, tmp_path, token
     with pytest.raises(ConfigError, match=words):
         finetune(base, LoraSpec(rank=4), str(corpus_dir), tmp_path / "ft", extra)
     assert not (tmp_path / "ft").exists()
+
+
+def test_out_holding_a_model_without_checkpoints_is_never_written(tmp_path, tokenizer_json, corpus_dir, capsys):
+    """An upcycled or imported folder has weights but no ckpt-*: finetune --out must refuse it,
+    leaving every file as it was (issue 25: no silent overwrite)."""
+    from moelab.cli import main
+    base = make_run(tmp_path / "base", tiny_cfg("dense"), tokenizer_json)
+    other = make_run(tmp_path / "other", tiny_cfg("dense"), tokenizer_json, seed=1)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    assert main(["finetune", str(base), "--lora-rank", "4", "--corpus", str(corpus_dir), "--out", str(other)]) == 2
+    assert "already holds a model or run (config.json, model.safetensors" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
