@@ -136,6 +136,18 @@ ROWS = [
     Row("plan-gpu-memory-abc", ("plan", "--preset", "dense", "--gpus", "8", "--gpu-memory", "abc"),
         ("--gpu-memory",)),
     Row("convert-missing-hf", ("convert", "--from-hf", "{tmp}/nowhere", "--out", "{tmp}/imp"), ("nowhere",)),
+    # ---- the newer commands' outputs: never into someone's model or run ---------------------
+    Row("compare-out-holds-a-run", ("compare", "--models", "dense", "--budget", "1k", "--out", "{run}"),
+        ("--out", "not empty")),
+    Row("compare-study-out-holds-an-import", ("compare", "--study", "granularity", "--out", "{imported}"),
+        ("--out", "not empty")),
+    Row("search-out-holds-a-run", ("search", "--preset", "hybrid", "--trials", "1", "--budget-per-trial", "1k",
+                                   "--out", "{run}"), ("--out", "not empty")),
+    Row("upcycle-out-holds-a-run", ("upcycle", "{run}", "--experts", "4", "--top-k", "2", "--out", "{imported}"),
+        ("--out", "not empty")),
+    Row("finetune-out-holds-an-import", ("finetune", "{run}", "--lora-rank", "2", "--corpus", "stdlib",
+                                         "--out", "{imported}"), ("--out", "already holds a model")),
+    Row("gguf-out-exists", ("convert", "--to-gguf", "{run}", "--out", "{file}"), ("--out", "already exists")),
 ]
 
 

@@ -80,6 +80,11 @@ def _check_new_folder(out_dir: Path, dry_run: bool) -> None:
     from moelab.compare.study_run import STUDY_FILE
     if not dry_run and ((out_dir / PLAN_FILE).exists() or (out_dir / STUDY_FILE).exists()):
         raise_user(f"{str(out_dir)!r} already holds a compare; use --resume {out_dir}")
+    if not dry_run and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise_user(f"--out {str(out_dir)!r} already exists and is not empty: a new compare needs a new "
+                   "or empty folder (its reports and runs would land beside, or over, what is there)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise_user(f"--out {str(out_dir)!r} exists and is not a folder")
 
 
 def _new_plan(args) -> tuple[dict, Path]:

@@ -98,6 +98,11 @@ def new_settings(args) -> tuple[dict, Path]:
     if (out_dir / SETTINGS_FILE).exists() and not args.dry_run:
         raise_user(f"{str(out_dir)!r} already holds a search; use --resume {out_dir} (it also joins a "
                    f"search another process is running there)")
+    if not args.dry_run and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise_user(f"--out {str(out_dir)!r} already exists and is not empty: a new search needs a new "
+                   "or empty folder (its reports and trials would land beside, or over, what is there)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise_user(f"--out {str(out_dir)!r} exists and is not a folder")
     seed = t.seed
     try:
         load = [round(x, 2) for x in os.getloadavg()]
