@@ -156,6 +156,41 @@ def upcycle_study(out: Path, size: dict) -> dict:
     return result
 
 
+def upcycle_lr_study(out: Path, lr: float, n_seeds: int) -> dict:
+    """The continuation arms of the upcycle study again (dense, copy, drop; same upcycled folders,
+    batches and budget) at another peak learning rate, for the first ``n_seeds`` seeds: does the
+    ordering survive continuing without re-warming to the pretraining's peak lr? No scratch arm
+    (its lr is the pretraining's). Needs ``upcycle`` to have written ``cmp/compare.json``."""
+    started = machine()
+    plan = json.loads((out / "cmp" / "compare.json").read_text())
+    seeds = plan["seeds"][:n_seeds]
+    folder = out / f"lr-{lr:g}"
+    rows: dict[str, dict[int, dict]] = {}
+    for unit in plan["units"]:
+        if unit["model"].startswith("scratch") or unit["seed"] not in seeds:
+            continue
+        args = [a if not a.startswith("train.lr=") else f"train.lr={lr}" for a in unit["train_args"]]
+        run = folder / unit["id"]
+        if read_summary(run) is None:
+            moelab(["train", "--out", str(run), *args], folder / "logs" / f"{unit['id']}.log")
+        s = read_summary(run)
+        curve = eval_curve(run)
+        rows.setdefault(unit["model"], {})[unit["seed"]] = {
+            "val_loss": s["val_loss"], "train_time_s": s["train_time_s"], "tokens_per_s": s["tokens_per_s"],
+            "first_eval": curve[0]["val_loss"], "max_eval": max(e["val_loss"] for e in curve)}
+    copy_name = next(n for n in rows if n.startswith("upcycle-copy"))
+    drop_name = next(n for n in rows if n.startswith("upcycle-drop"))
+    verdicts = {}
+    for a, b in ((copy_name, "dense"), (drop_name, "dense"), (drop_name, copy_name)):
+        gaps = [rows[a][s]["val_loss"] - rows[b][s]["val_loss"] for s in seeds]
+        verdicts[f"{a} - {b}, val_loss"] = judge(gaps) if len(gaps) >= 2 else None
+    result = {"study": "upcycle-lr", "lr": lr, "seeds": seeds, "arms": {a: {str(k): v for k, v in by.items()}
+                                                                          for a, by in rows.items()},
+              "verdicts": verdicts, "machine_start": started, "machine_end": machine()}
+    (folder / "study.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # fine-tuning
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +317,10 @@ def render(result: dict) -> str:
     """Markdown tables of a study.json (what the docs quote)."""
     lines = []
     arms = result["arms"]
-    if result["study"] == "upcycle":
+    if result["study"] == "upcycle-lr":
+        keys = [("val_loss", "val loss (equal extra tokens)"), ("first_eval", "val loss at step 0"),
+                ("max_eval", "highest val loss on the way"), ("train_time_s", "train s"), ("tokens_per_s", "tokens/s")]
+    elif result["study"] == "upcycle":
         keys = [("val_loss", "val loss (equal extra tokens)"), ("val_loss_at_equal_time", "val loss at equal time"),
                 ("first_eval", "val loss at step 0"), ("tokens", "tokens"), ("train_time_s", "train s"),
                 ("tokens_per_s", "tokens/s")]
@@ -310,9 +348,11 @@ def render(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("study", choices=("upcycle", "finetune", "render"))
+    p.add_argument("study", choices=("upcycle", "upcycle-lr", "finetune", "render"))
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="minutes-long smoke sizes, not the documented study")
+    p.add_argument("--lr", type=float, default=3e-4, help="upcycle-lr: the continuation's peak lr")
+    p.add_argument("--seeds", type=int, default=2, help="upcycle-lr: how many of the upcycle study's seeds")
     args = p.parse_args()
     out = Path(args.out).resolve()
     if args.study == "render":
@@ -320,7 +360,10 @@ def main() -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES["tiny" if args.tiny else "full"]
-    result = (upcycle_study if args.study == "upcycle" else finetune_study)(out, size)
+    if args.study == "upcycle-lr":
+        result = upcycle_lr_study(out, args.lr, args.seeds)
+    else:
+        result = (upcycle_study if args.study == "upcycle" else finetune_study)(out, size)
     print(json.dumps(result["verdicts"], indent=2))
 
 
