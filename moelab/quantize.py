@@ -26,7 +26,6 @@ scores text (``model(tokens)``) and generates. It cannot be trained or exported.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
@@ -82,19 +81,14 @@ def torchao_primitives():
 
     torchao logs at import that it skips C++ extensions built for another torch (we use none of
     them) and torch warns about an enum it registers; both are silenced for that import."""
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in quiet]
+    from moelab.quiet_imports import quiet_import
     try:
-        for log in quiet:
-            log.setLevel(logging.ERROR)
-        from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine,
-                                                           quantize_affine)
+        with quiet_import():
+            from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine,
+                                                               quantize_affine)
     except ImportError as e:
         raise QuantizeError("quantize", f"quantize = 'int8' needs torchao, which cannot be "
                               f"imported ({e}): {QUANT_EXTRA}") from None
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
     return MappingType, choose_qparams_affine, quantize_affine
 
 

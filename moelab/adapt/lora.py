@@ -47,9 +47,12 @@ PEFT_EXTRA = "pip install torch==2.13.0 'moelab[finetune]' (peft >= 0.18)"
 
 
 def require_peft():
-    """The peft module, or a ConfigError naming the extra that provides it."""
+    """The peft module, or a ConfigError naming the extra that provides it (imported quietly: peft
+    imports torchao when it is installed, which talks at import)."""
+    from moelab.quiet_imports import quiet_import
     try:
-        import peft
+        with quiet_import():
+            import peft
     except ImportError:
         raise ConfigError(f"LoRA fine-tuning needs Hugging Face peft, which is not installed: "
                           f"{PEFT_EXTRA}") from None
