@@ -121,6 +121,17 @@ ROWS = [
         ("--out", "not a folder")),
     Row("convert-out-read-only", ("convert", "--to-hf", "{run}", "--family", "llama", "--out", "{read_only}/hf"),
         ("--out", "not writable"), as_root_too=False),
+    # ---- reads stay inside the run folder; commands added since (search, GGUF, llama.cpp) ------
+    Row("generate-tokenizer-linked-outside", ("generate", "{tokenizer_link}", "--prompt", "x"),
+        ("tokenizer.json", "outside")),
+    Row("eval-config-linked-outside", ("eval", "{config_link}"), ("config.json", "outside")),
+    Row("generate-llamacpp-cache-link", ("generate", "{gguf_link}", "--prompt", "x", "--engine", "llama.cpp",
+                                         "--max-new-tokens", "1"), ("gguf", "symbolic link")),
+    Row("convert-to-gguf-out-dangling-link", ("convert", "--to-gguf", "{run}", "--out", "{dangling}"),
+        ("--out", "already exists")),
+    Row("search-out-holds-a-run", ("search", "--out", "{run}", "--trials", "1", *SETS),
+        ("--out", "already holds files")),
+    Row("search-resume-damaged-settings", ("search", "--resume", "{bad_search}"), ("search.json", "JSON")),
     # ---- representative inputs that were already refused cleanly --------------------------------
     Row("unknown-key", ("info", "--set", "model.moe.topk=1"), ("model.moe.top_k",)),
     Row("unknown-preset", ("info", "--preset", "nope"), ("nope",)),
@@ -194,6 +205,23 @@ def inputs(trained, tmp_path, monkeypatch) -> dict[str, str]:
     names = [f"doc{i:02d}.txt" for i in range(20)]
     for name, is_val in zip(names, val_mask(names, 0.05)):
         (corpus / name).write_text(" ".join(["the experts route every token"] * (2 if is_val else 80)) + "\n")
+    outside_cfg = tmp_path / "outside-config.json"          # a real config, outside the run folder
+    shutil.copy(run / "config.json", outside_cfg)
+    tokenizer_link, config_link, gguf_link = (tmp_path / "tokenizer-link", tmp_path / "config-link",
+                                              tmp_path / "gguf-link")
+    for folder in (tokenizer_link, config_link, gguf_link):
+        shutil.copytree(run, folder)
+    (tokenizer_link / "tokenizer.json").unlink()
+    (tokenizer_link / "tokenizer.json").symlink_to(run / "tokenizer.json")   # another run's, outside
+    (config_link / "config.json").unlink()
+    (config_link / "config.json").symlink_to(outside_cfg)
+    (tmp_path / "elsewhere").mkdir()
+    (gguf_link / "gguf").symlink_to(tmp_path / "elsewhere")
+    dangling = tmp_path / "dangling.gguf"
+    dangling.symlink_to(tmp_path / "nowhere" / "model.gguf")
+    bad_search = tmp_path / "bad-search"
+    bad_search.mkdir()
+    (bad_search / "search.json").write_text('{"version": 1, "trials": [')
     binary = tmp_path / "prompt.bin"
     binary.write_bytes(bytes(range(256)) * 4)
     a_file = tmp_path / "a-file"
@@ -203,6 +231,8 @@ def inputs(trained, tmp_path, monkeypatch) -> dict[str, str]:
     read_only.chmod(stat.S_IRUSR | stat.S_IXUSR)
     paths = {"tmp": tmp_path, "run": run, "imported": imported, "damaged": damaged,
              "lock_link": lock_link, "metrics_link": metrics_link, "hf_layers_1e9": hf,
+             "tokenizer_link": tokenizer_link, "config_link": config_link, "gguf_link": gguf_link,
+             "dangling": dangling, "bad_search": bad_search,
              "binary": binary, "short_val_corpus": corpus, "file": a_file, "read_only": read_only,
              "vocab_1e12": _edited_copy(run, tmp_path / "vocab-1e12", vocab_size=10**12),
              "too_big": _edited_copy(run, tmp_path / "too-big", d_model=131072, vocab_size=2_000_000,
