@@ -17,7 +17,7 @@ from moelab.commands import add_config_args, add_output_args, config_from_args, 
 # (unless --overwrite). The lock file alone is not a run: a refused or killed writer leaves it.
 RUN_NAMES = {"config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "summary.json",
              "run_meta.json", "model.safetensors.index.json", "tokenizer_config.json",
-             "generation_config.json", "tb", "inspect"}
+             "generation_config.json", "tb", "inspect", "trackers.json", "wandb", "gguf"}
 RUN_PATTERN = re.compile(r"^(damaged-)?ckpt-\d{8}(\.\d+)?$|^\..*\.tmp$|\.(safetensors|bin|pt|pth|gguf)$")
 
 
