@@ -9,8 +9,8 @@ stopped at is the last one it logged.
 
 The process runs in its own session (a Ctrl-C on the terminal reaches the search alone, which
 passes one SIGTERM on, as `moelab compare` does) and, on Linux, asks the kernel to send it SIGTERM
-if the search process dies (``moelab.proc.die_with_parent``: ``PR_SET_PDEATHSIG``), so a killed search leaves no training behind:
-the run checkpoints and ``moelab search --resume`` continues it.
+if the search process dies (``moelab.proc.die_with_parent``: ``PR_SET_PDEATHSIG``), so a killed
+search leaves no training behind: the run checkpoints and ``moelab search --resume`` continues it.
 """
 
 from __future__ import annotations

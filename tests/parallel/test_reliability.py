@@ -199,8 +199,9 @@ def sharded_run(tmp_path_factory) -> Path:
     return run
 
 
+# DCP numbers the ranks from 1 in its file names (shard-00001 is rank 0)
 @pytest.mark.parametrize("remove", ["optim/shard-00001-model-00001-of-*.safetensors",
-                                    "model/sharded/shard-00000-model-00002-of-*.safetensors",
+                                    "model/sharded/shard-00002-model-00002-of-*.safetensors",
                                     "rng/rank-00001.safetensors"])
 def test_a_sharded_checkpoint_missing_a_piece_falls_back_on_a_one_process_resume(sharded_run, tmp_path,
                                                                                  remove, capsys):
