@@ -140,7 +140,7 @@ ROWS = [
     Row("inspect-too-big-for-ram", ("inspect", "{too_big}", "--out", "{tmp}/inspect-out"),
         ("needs at least", "available")),
     Row("search-out-holds-a-run", ("search", "--out", "{run}", "--trials", "1", *SETS),
-        ("--out", "already holds files")),
+        ("--out", "not empty")),
     Row("search-trials-1e12", ("search", "--out", "{tmp}/s", "--trials", "1000000000000"), ("--trials",)),
     Row("search-budget-400-digits", ("search", "--out", "{tmp}/s", "--budget-per-trial", "9" * 400),
         ("--budget-per-trial",)),

@@ -99,8 +99,11 @@ def new_settings(args) -> tuple[dict, Path]:
     if (out_dir / SETTINGS_FILE).exists() and not args.dry_run:
         raise_user(f"{str(out_dir)!r} already holds a search; use --resume {out_dir} (it also joins a "
                    f"search another process is running there)")
-    if not args.dry_run:
-        _refuse_used_folder(out_dir)
+    if not args.dry_run and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise_user(f"--out {str(out_dir)!r} already exists and is not empty: a new search needs a new "
+                   "or empty folder (its reports and trials would land beside, or over, what is there)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise_user(f"--out {str(out_dir)!r} exists and is not a folder")
     seed = t.seed
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -118,22 +121,6 @@ def new_settings(args) -> tuple[dict, Path]:
         "target_active_params": target, "load_average": load,
     }
     return settings, out_dir
-
-
-def _refuse_used_folder(out_dir: Path) -> None:
-    """A new search writes search.json, search.db, trials/, logs/ and its report into --out: a
-    folder that already holds anything else (a run, another tool's files) is refused, so nothing
-    in it is overwritten or mixed with the search's files."""
-    from moelab.commands import refuse_unwritable
-    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise_user(f"--out {str(out_dir)!r} exists and is not a folder")
-    if out_dir.is_dir():
-        found = sorted(p.name for p in out_dir.iterdir())
-        if found:
-            shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-            raise_user(f"--out {str(out_dir)!r} already holds files ({shown}) and no search: give a new "
-                       "or empty folder")
-    refuse_unwritable(out_dir)
 
 
 def _options_given(args) -> list[str]:

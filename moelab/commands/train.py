@@ -17,7 +17,7 @@ from moelab.commands import add_config_args, add_output_args, config_from_args, 
 # (unless --overwrite). The lock file alone is not a run: a refused or killed writer leaves it.
 RUN_NAMES = {"config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "summary.json",
              "run_meta.json", "model.safetensors.index.json", "tokenizer_config.json",
-             "generation_config.json", "tb", "inspect", "trackers.json", "wandb", "gguf"}
+             "generation_config.json", "tb", "inspect"}
 RUN_PATTERN = re.compile(r"^(damaged-)?ckpt-\d{8}(\.\d+)?$|^\..*\.tmp$|\.(safetensors|bin|pt|pth|gguf)$")
 
 
@@ -146,6 +146,9 @@ def _claim_out_dir(run_dir: Path, overwrite: bool) -> None:
     found = _run_files(run_dir)
     if not found:
         return
+    # what a run leaves beside its files, removed with them: its tracker ids (a new run must not
+    # log into the old run's wandb / MLflow run), wandb's folder and the GGUF export cache
+    found = sorted(set(found) | {n for n in ("trackers.json", "wandb", "gguf") if (run_dir / n).exists()})
     shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
     if not overwrite:
         raise_user(f"--out {str(run_dir)!r} already holds a model or run ({shown}); continue it with "
