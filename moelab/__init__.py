@@ -8,12 +8,22 @@ and ``moelab.load`` also give models their ``generate`` / ``stream`` methods (``
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from moelab.config import (
-    Config, ConfigError, ModelConfig, MoEConfig, MLAConfig, ParallelConfig, TrainConfig,
-)
+try:
+    from moelab.config import (
+        Config, ConfigError, ModelConfig, MoEConfig, MLAConfig, ParallelConfig, TrainConfig,
+    )
+except KeyboardInterrupt:
+    # A Ctrl-C while `python -m moelab` (argv[0] is "-m" until the module is found) or the
+    # `moelab` script imports this package, before moelab.cli can catch it: end as the CLI does,
+    # with "interrupted" and status 130 instead of a traceback. A library import re-raises.
+    if sys.argv[:1] == ["-m"] or Path(sys.argv[0] if sys.argv else "").name == "moelab":
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 __version__ = "0.1.0"
 

@@ -75,6 +75,19 @@ class CheckpointError(RuntimeError):
     """A run folder or checkpoint is missing, damaged or does not match the model."""
 
 
+def run_file(folder: PathLike, name: str) -> Path:
+    """``folder / name``, refused when it resolves outside ``folder`` (a symbolic link to a file
+    elsewhere): what moelab reads from a run folder stays in it, as for Hugging Face folders
+    (``moelab.interop.containment``, which also allows a Hub cache snapshot's links)."""
+    from moelab.interop.containment import inside
+    from moelab.interop.errors import InteropError
+    try:
+        inside(Path(folder), name, f"{folder}: {name}")
+    except InteropError as e:
+        raise CheckpointError(str(e)) from None
+    return Path(folder) / name
+
+
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}"
 
@@ -142,7 +155,7 @@ def resolve(source: PathLike) -> Path:
 
 
 def _config_json(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
+    path = run_file(folder, CONFIG_FILE)
     if not path.is_file():
         raise CheckpointError(f"{str(folder)!r} is not a moelab run folder or a Hugging Face model "
                               f"folder (no {CONFIG_FILE})")
@@ -216,7 +229,7 @@ def load(source: PathLike, device: str | torch.device = "cpu", dtype: Union[None
     else:
         run = checkpoint_run(folder) or folder       # a checkpoint folder loads with its run's config
         cfg = read_config(run)
-        state = load_tensors(folder / WEIGHTS_FILE)
+        state = load_tensors(run_file(folder, WEIGHTS_FILE))
         shapes, get, where = {k: v.shape for k, v in state.items()}, state.pop, str(folder / WEIGHTS_FILE)
     stored = state["embed.weight"].dtype if "embed.weight" in state else torch.float32
     if target is None:
@@ -247,7 +260,7 @@ def checkpoint_run(folder: PathLike) -> Optional[Path]:
 def load_tokenizer(source: PathLike) -> Optional["Tokenizer"]:
     """The tokenizer of a run folder, HF folder or Hub id, or None when it has none."""
     from tokenizers import Tokenizer
-    path = resolve(source) / TOKENIZER_FILE
+    path = run_file(resolve(source), TOKENIZER_FILE)
     if not path.is_file():
         return None
     try:
@@ -288,7 +301,7 @@ def _complete_lines(text: str) -> tuple[list[tuple[str, dict]], int]:
 
 def load_metrics(run_dir: PathLike) -> list[dict]:
     """The records of metrics.jsonl, oldest first; a torn last line is left out."""
-    path = Path(run_dir) / METRICS_FILE
+    path = run_file(run_dir, METRICS_FILE)
     if not path.is_file():
         return []
     return [record for _, record in _complete_lines(path.read_text(encoding="utf-8", errors="replace"))[0]]
@@ -298,7 +311,7 @@ def repair_metrics(run_dir: PathLike, after_step: Optional[int] = None) -> Optio
     """Make metrics.jsonl read as one uninterrupted run before a resume: cut a torn last line and,
     with ``after_step``, the records of steps after the checkpoint resumed from (a killed run may
     have logged steps it will now redo). Returns a message when a torn line was cut."""
-    path = Path(run_dir) / METRICS_FILE
+    path = run_file(run_dir, METRICS_FILE)
     if not path.is_file():
         return None
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -315,7 +328,7 @@ def repair_metrics(run_dir: PathLike, after_step: Optional[int] = None) -> Optio
 
 def read_summary(run_dir: PathLike) -> Optional[dict]:
     """summary.json of a finished training run, or None when the run has not finished."""
-    path = Path(run_dir) / SUMMARY_FILE
+    path = run_file(run_dir, SUMMARY_FILE)
     if not path.is_file():
         return None
     try:

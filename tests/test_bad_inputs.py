@@ -121,6 +121,31 @@ ROWS = [
         ("--out", "not a folder")),
     Row("convert-out-read-only", ("convert", "--to-hf", "{run}", "--family", "llama", "--out", "{read_only}/hf"),
         ("--out", "not writable"), as_root_too=False),
+    # ---- reads stay inside the run folder; commands added since (search, GGUF, llama.cpp) ------
+    Row("generate-tokenizer-linked-outside", ("generate", "{tokenizer_link}", "--prompt", "x"),
+        ("tokenizer.json", "outside")),
+    Row("eval-config-linked-outside", ("eval", "{config_link}"), ("config.json", "outside")),
+    Row("generate-llamacpp-cache-link", ("generate", "{gguf_link}", "--prompt", "x", "--engine", "llama.cpp",
+                                         "--max-new-tokens", "1"), ("gguf", "symbolic link")),
+    Row("convert-to-gguf-out-dangling-link", ("convert", "--to-gguf", "{run}", "--out", "{dangling}"),
+        ("--out", "already exists")),
+    Row("convert-to-gguf-too-big-for-ram", ("convert", "--to-gguf", "{too_big}", "--out", "{tmp}/big.gguf"),
+        ("needs at least", "available")),
+    Row("bench-moe-tokens-1e12", ("bench", "moe", "--tokens", "1000000000000"), ("--tokens",)),
+    Row("bench-moe-too-big-for-ram", ("bench", "moe", "--d-model", "65536", "--expert-hidden", "65536",
+                                      "--experts", "64"), ("needs at least", "available")),
+    Row("bench-decode-new-tokens-1e9", ("bench", "decode", "{run}", "--new-tokens", "1000000000"),
+        ("--new-tokens",)),
+    Row("inspect-tokens-1e20", ("inspect", "{run}", "--tokens", "100000000000000000000"), ("--tokens",)),
+    Row("inspect-too-big-for-ram", ("inspect", "{too_big}", "--out", "{tmp}/inspect-out"),
+        ("needs at least", "available")),
+    Row("search-out-holds-a-run", ("search", "--out", "{run}", "--trials", "1", *SETS),
+        ("--out", "not empty")),
+    Row("search-trials-1e12", ("search", "--out", "{tmp}/s", "--trials", "1000000000000"), ("--trials",)),
+    Row("search-budget-400-digits", ("search", "--out", "{tmp}/s", "--budget-per-trial", "9" * 400),
+        ("--budget-per-trial",)),
+    Row("compare-budget-1e20", ("compare", "--budget", "100000000000000000000", "--out", "{tmp}/c"), ("--budget",)),
+    Row("search-resume-damaged-settings", ("search", "--resume", "{bad_search}"), ("search.json", "JSON")),
     # ---- representative inputs that were already refused cleanly --------------------------------
     Row("unknown-key", ("info", "--set", "model.moe.topk=1"), ("model.moe.top_k",)),
     Row("unknown-preset", ("info", "--preset", "nope"), ("nope",)),
@@ -206,6 +231,23 @@ def inputs(trained, tmp_path, monkeypatch) -> dict[str, str]:
     names = [f"doc{i:02d}.txt" for i in range(20)]
     for name, is_val in zip(names, val_mask(names, 0.05)):
         (corpus / name).write_text(" ".join(["the experts route every token"] * (2 if is_val else 80)) + "\n")
+    outside_cfg = tmp_path / "outside-config.json"          # a real config, outside the run folder
+    shutil.copy(run / "config.json", outside_cfg)
+    tokenizer_link, config_link, gguf_link = (tmp_path / "tokenizer-link", tmp_path / "config-link",
+                                              tmp_path / "gguf-link")
+    for folder in (tokenizer_link, config_link, gguf_link):
+        shutil.copytree(run, folder)
+    (tokenizer_link / "tokenizer.json").unlink()
+    (tokenizer_link / "tokenizer.json").symlink_to(run / "tokenizer.json")   # another run's, outside
+    (config_link / "config.json").unlink()
+    (config_link / "config.json").symlink_to(outside_cfg)
+    (tmp_path / "elsewhere").mkdir()
+    (gguf_link / "gguf").symlink_to(tmp_path / "elsewhere")
+    dangling = tmp_path / "dangling.gguf"
+    dangling.symlink_to(tmp_path / "nowhere" / "model.gguf")
+    bad_search = tmp_path / "bad-search"
+    bad_search.mkdir()
+    (bad_search / "search.json").write_text('{"version": 1, "trials": [')
     binary = tmp_path / "prompt.bin"
     binary.write_bytes(bytes(range(256)) * 4)
     a_file = tmp_path / "a-file"
@@ -215,6 +257,8 @@ def inputs(trained, tmp_path, monkeypatch) -> dict[str, str]:
     read_only.chmod(stat.S_IRUSR | stat.S_IXUSR)
     paths = {"tmp": tmp_path, "run": run, "imported": imported, "damaged": damaged,
              "lock_link": lock_link, "metrics_link": metrics_link, "hf_layers_1e9": hf,
+             "tokenizer_link": tokenizer_link, "config_link": config_link, "gguf_link": gguf_link,
+             "dangling": dangling, "bad_search": bad_search,
              "binary": binary, "short_val_corpus": corpus, "file": a_file, "read_only": read_only,
              "vocab_1e12": _edited_copy(run, tmp_path / "vocab-1e12", vocab_size=10**12),
              "too_big": _edited_copy(run, tmp_path / "too-big", d_model=131072, vocab_size=2_000_000,

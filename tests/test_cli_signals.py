@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.3, 0.8, 1.5, 3.0])
 def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, delay):
     proc = subprocess.Popen([sys.executable, "-m", "moelab", "train", "--preset", "moe", "--out",
@@ -26,6 +25,7 @@ def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, delay):
     assert proc.returncode in (130, -signal.SIGINT, 75), (proc.returncode, err)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_while_exiting_ends_the_process_without_an_exit_handler_exception():
     # an exit handler that takes a while (TensorBoard's and torch's own run here too)
     script = ("import atexit, sys, time\n"
@@ -49,3 +49,30 @@ def test_a_second_ctrl_c_while_exiting_ends_the_process_without_an_exit_handler_
     _, err = proc.communicate(timeout=60)
     assert "Exception ignored" not in err and "KeyboardInterrupt" not in err, err
     assert proc.returncode == -signal.SIGINT
+
+
+# a Ctrl-C that lands while the package itself imports (before moelab.cli can catch anything), made
+# deterministic: an import hook raises KeyboardInterrupt where the signal would
+_INTERRUPT_IN_CONFIG = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "moelab.config":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = {argv!r}
+import moelab
+"""
+
+
+@pytest.mark.parametrize("argv", [["-m", "presets"], ["/usr/local/bin/moelab", "presets"]])
+def test_ctrl_c_while_the_package_imports_ends_with_interrupted(argv):
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_IN_CONFIG.format(argv=argv)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr == "interrupted\n", proc.stderr
+
+
+def test_a_library_import_interrupted_still_raises():
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_IN_CONFIG.format(argv=["script.py"])],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 130 and "KeyboardInterrupt" in proc.stderr

@@ -54,12 +54,14 @@ def run_decode(args) -> int:
     import sys
 
     from moelab.commands import raise_user
-    for name in ("new_tokens", "prompt_len", "repeats"):
-        if getattr(args, name) < 1 or (name == "new_tokens" and args.new_tokens < 2):
+    from moelab.config import MAX_SEQ_LEN
+    for name, high in (("new_tokens", MAX_SEQ_LEN), ("prompt_len", MAX_SEQ_LEN), ("repeats", MAX_ROUNDS)):
+        low = 2 if name == "new_tokens" else 1
+        if not low <= getattr(args, name) <= high:
             raise_user(f"--{name.replace('_', '-')} = {getattr(args, name)} is invalid: must be >= "
-                       f"{2 if name == 'new_tokens' else 1}")
-    if args.threads is not None and args.threads < 1:
-        raise_user(f"--threads = {args.threads} is invalid: must be > 0")
+                       f"{low} and <= {high:,}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise_user(f"--threads = {args.threads} is invalid: must be > 0 and <= {MAX_THREADS:,}")
     import torch
 
     from moelab.decode_bench import measure
@@ -93,19 +95,32 @@ def run_decode(args) -> int:
     return 0
 
 
+MAX_ROUNDS = 10_000
+MAX_THREADS = 4096
+
+
 def _check(args) -> None:
     from moelab.commands import check_device, raise_user
-    for name in ("tokens", "d_model", "experts", "top_k", "expert_hidden", "rounds"):
+    from moelab.config import MAX_EXPERTS, MAX_SEQ_LEN, MAX_WIDTH
+    from moelab.resources import available_on, refuse_unless_fits
+    for name, high in (("tokens", MAX_SEQ_LEN), ("d_model", MAX_WIDTH), ("experts", MAX_EXPERTS),
+                       ("top_k", MAX_EXPERTS), ("expert_hidden", MAX_WIDTH), ("rounds", MAX_ROUNDS)):
         value = getattr(args, name)
-        if value < 1:
-            raise_user(f"--{name.replace('_', '-')} = {value} is invalid: must be > 0")
+        if not 1 <= value <= high:
+            raise_user(f"--{name.replace('_', '-')} = {value} is invalid: must be > 0 and <= {high:,}")
     if args.top_k > args.experts:
         raise_user(f"--top-k = {args.top_k} is invalid: must be <= --experts ({args.experts})")
-    if not args.min_time > 0:
-        raise_user(f"--min-time = {args.min_time} is invalid: must be > 0")
-    if args.threads is not None and args.threads < 1:
-        raise_user(f"--threads = {args.threads} is invalid: must be > 0")
+    if not 0 < args.min_time <= 3600:
+        raise_user(f"--min-time = {args.min_time} is invalid: must be > 0 and <= 3600 seconds")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise_user(f"--threads = {args.threads} is invalid: must be > 0 and <= {MAX_THREADS:,}")
     check_device(args.device)
+    # the least the layer holds: its expert weights (gate, up, down) and, per routed token copy,
+    # its input and hidden rows, in float32 (the widest --dtype)
+    d, h = args.d_model, args.expert_hidden
+    needed = 4 * (args.experts * 3 * d * h + args.tokens * args.top_k * (d + 2 * h) + args.tokens * d)
+    refuse_unless_fits(needed, available_on(args.device), "this benchmark's MoE layer", args.device,
+                       "use smaller --tokens, --experts, --d-model or --expert-hidden")
 
 
 def run_moe(args) -> int:

@@ -90,6 +90,7 @@ def _to_gguf(args) -> int:
     refuse_unwritable(os.path.dirname(os.path.abspath(args.out)))
     try:
         gguf_type = check_type(args.type or "bf16")
+        _check_memory(args.to_gguf)
         done = convert_to_gguf(args.to_gguf, args.out, gguf_type)
     except InteropError as e:
         raise_user(str(e))
@@ -102,3 +103,18 @@ def _to_gguf(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {done.path} (llama.cpp architecture {done.arch}, {done.type}, {done.bytes / 1e6:.1f} MB)")
     return 0
+
+
+def _check_memory(source: str) -> None:
+    """The GGUF export holds the whole model in memory (at least 2 bytes a weight, its stored
+    dtype): refused before loading when this machine's RAM cannot hold it."""
+    from moelab.accounting import param_counts
+    from moelab.commands import raise_user
+    from moelab.resources import available_ram, refuse_unless_fits
+    from moelab.runfolder import CheckpointError, read_config
+    try:
+        cfg = read_config(source)
+    except CheckpointError as e:
+        raise_user(f"--to-gguf: {e}")
+    refuse_unless_fits(param_counts(cfg.model)["total"] * 2, available_ram(), "exporting this model to GGUF",
+                       "this machine", "export on a machine with more memory")

@@ -18,6 +18,7 @@ DEFAULT_BUDGET = "200k"
 DEFAULT_TRIALS = 30
 DEFAULT_RETRAIN_SEEDS = 3
 MAX_SEEDS = 16
+MAX_TRIALS = 10**6
 
 
 def add_parser(sub) -> None:
@@ -74,8 +75,8 @@ def new_settings(args) -> tuple[dict, Path]:
     if budget.tokens is None:
         raise_user(f"--budget-per-trial = {args.budget_per_trial!r} is invalid: give tokens ('200k', '1M'); "
                    f"trials are compared at equal tokens (--objective loss_at_time scores them at equal time)")
-    if args.trials < 1:
-        raise_user(f"--trials = {args.trials} is invalid: must be >= 1")
+    if not 1 <= args.trials <= MAX_TRIALS:
+        raise_user(f"--trials = {args.trials} is invalid: must be between 1 and {MAX_TRIALS:,}")
     if not 1 <= args.seeds <= MAX_SEEDS:
         raise_user(f"--seeds = {args.seeds} is invalid: must be between 1 and {MAX_SEEDS}")
     if not 0 <= args.retrain_seeds <= MAX_SEEDS:

@@ -148,6 +148,9 @@ def _claim_out_dir(run_dir: Path, overwrite: bool) -> None:
     found = _run_files(run_dir)
     if not found:
         return
+    # what a run leaves beside its files, removed with them: its tracker ids (a new run must not
+    # log into the old run's wandb / MLflow run), wandb's folder and the GGUF export cache
+    found = sorted(set(found) | {n for n in ("trackers.json", "wandb", "gguf") if (run_dir / n).exists()})
     shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
     if not overwrite:
         raise_user(f"--out {str(run_dir)!r} already holds a model or run ({shown}); continue it with "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moelab.compare.matching import MATCH_MODES, describe_matching, match_models
-from moelab.config import ConfigError
+from moelab.config import MAX_MINUTES, MAX_TOKENS, ConfigError
 
 DEFAULT_MODELS = ("dense", "moe", "hybrid")
 DEFAULT_BUDGET = "200k"    # per model and seed; why: docs/compare.md ("The default study")
@@ -68,15 +68,16 @@ def parse_budget(text: str, option: str = "--budget") -> Budget:
     if m:
         value, unit = float(m.group(1)), m.group(2)
         seconds = value * {"m": 60, "min": 60, "s": 1, "sec": 1, "h": 3600}[unit]
-        if seconds <= 0:
-            raise ConfigError(f"{option} = {text!r} is invalid: must be > 0")
+        if not 0 < seconds <= MAX_MINUTES * 60:
+            raise ConfigError(f"{option} = {text!r} is invalid: must be > 0 and at most "
+                              f"{MAX_MINUTES:,} minutes")
         return Budget(seconds=seconds)
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKM]?)", t)
     if m:
-        tokens = int(float(m.group(1)) * {"": 1, "k": 1e3, "K": 1e3, "M": 1e6}[m.group(2)])
-        if tokens <= 0:
-            raise ConfigError(f"{option} = {text!r} is invalid: must be > 0")
-        return Budget(tokens=tokens)
+        tokens = float(m.group(1)) * {"": 1, "k": 1e3, "K": 1e3, "M": 1e6}[m.group(2)]
+        if not 1 <= tokens <= MAX_TOKENS:          # also before int(): a long digit string is inf
+            raise ConfigError(f"{option} = {text!r} is invalid: must be between 1 and {MAX_TOKENS:,} tokens")
+        return Budget(tokens=int(tokens))
     raise ConfigError(f"{option} = {text!r} is invalid: use minutes ('10m'), seconds ('90s') "
                       f"or tokens ('2M', '500k', '123456')")
 

@@ -46,10 +46,11 @@ class InspectOptions:
     overrides: tuple[str, ...] = ()        # data.* / train.* settings for reading the tokens
 
     def check(self) -> None:
-        for name, value, low in (("--tokens", self.tokens, 1), ("--ablate-tokens", self.ablate_tokens, 1),
-                                 ("--batch-size", self.batch_size, 1), ("--seq-len", self.seq_len, 1)):
-            if value is not None and value < low:
-                raise InspectError(f"{name} = {value} is invalid: must be >= {low}")
+        from moelab.config import MAX_BATCH, MAX_SEQ_LEN, MAX_TOKENS
+        for name, value, high in (("--tokens", self.tokens, MAX_TOKENS), ("--ablate-tokens", self.ablate_tokens, MAX_TOKENS),
+                                  ("--batch-size", self.batch_size, MAX_BATCH), ("--seq-len", self.seq_len, MAX_SEQ_LEN)):
+            if value is not None and not 1 <= value <= high:
+                raise InspectError(f"{name} = {value} is invalid: must be >= 1 and <= {high:,}")
         for o in self.overrides:
             if not o.split("=", 1)[0].strip().startswith(("data.", "train.")):
                 raise InspectError(f"--set {o!r} is invalid here: inspect reads a trained model, so "
@@ -76,6 +77,7 @@ def open_run(run_dir: str | Path, opts: InspectOptions):
         raise InspectError(f"RUN {str(run_dir)!r} is a dense model (model.moe.layers = "
                            f"{cfg.model.moe.layers!r}, no MoE layer): inspect analyses expert "
                            "routing, so it needs a run with at least one MoE layer")
+    _check_memory(cfg, opts)
     try:
         device = pick_device(opts.device or cfg.train.device)
         model = load(run_dir, device=device, dtype=torch.float32)
@@ -84,6 +86,20 @@ def open_run(run_dir: str | Path, opts: InspectOptions):
     except (ConfigError, RuntimeError) as e:
         raise InspectError(f"--device {opts.device or cfg.train.device}: {e}") from None
     return cfg, model
+
+
+def _check_memory(cfg, opts: InspectOptions) -> None:
+    """Refuse, before reading a weight, a model the device cannot hold in float32 with the
+    logits of one window."""
+    from moelab.accounting import inference_bytes
+    from moelab.resources import available_on, refuse_unless_fits
+    device = opts.device or cfg.train.device
+    seq = min(opts.seq_len or cfg.train.seq_len, cfg.model.max_seq_len)
+    try:
+        refuse_unless_fits(inference_bytes(cfg.model, 4, 1, seq), available_on("cpu" if device == "auto" else device),
+                           "inspecting this model (float32)", device, "inspect it on a machine with more memory")
+    except ConfigError as e:
+        raise InspectError(str(e)) from None
 
 
 def inspect_run(run_dir: str | Path, opts: InspectOptions = InspectOptions(), *,

@@ -23,13 +23,12 @@ One prompt at a time: llama-cpp-python's ``Llama`` holds one sequence.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from moelab.interop.containment import inside
 from moelab.interop.errors import InteropError
 from moelab.interop.gguf import EXPORTER_VERSION, check_type, convert_to_gguf, quiet_stderr, require_gguf
 
@@ -65,24 +64,32 @@ def export_key(run_dir: PathLike) -> str:
     """16 hex digits naming what an export of the run depends on: the exporter version, the
     config, the tokenizer and the weights."""
     from moelab.runfolder import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+    from moelab.fileio import JSONFileError, read_json_object, write_json
     run_dir = Path(run_dir)
-    cache = run_dir / CACHE_DIR
+    cache = _cache_dir(run_dir)
     memo_path = cache / HASHES_FILE
     try:
-        memo = json.loads(memo_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        memo = {}
+        memo = read_json_object(memo_path) if memo_path.is_file() and not memo_path.is_symlink() else {}
+    except (OSError, JSONFileError):
+        memo = {}                      # a damaged memo only costs hashing again
     h = hashlib.sha256(f"moelab-gguf-{EXPORTER_VERSION}".encode())
     for name in (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE):
-        path = run_dir / name
+        path = inside(run_dir, name, f"RUN: {name}")      # never a file linked from outside the run
         h.update(name.encode())
         if path.is_file():
             h.update(_file_sha256(path, memo).encode())
     cache.mkdir(exist_ok=True)
-    tmp = memo_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(memo, indent=1), encoding="utf-8")
-    os.replace(tmp, memo_path)
+    write_json(memo_path, memo)        # atomic: a link in its place is replaced, never followed
     return h.hexdigest()[:16]
+
+
+def _cache_dir(run_dir: Path) -> Path:
+    """RUN/gguf, refused when it is a symbolic link: the cache is written inside the run folder."""
+    cache = run_dir / CACHE_DIR
+    if cache.is_symlink() or (cache.exists() and not cache.is_dir()):
+        raise InteropError(f"RUN: {cache} is a symbolic link or not a folder; the GGUF cache is written "
+                           "only inside the run folder (remove it, and it is rebuilt)")
+    return cache
 
 
 def cached_gguf(run_dir: PathLike, gguf_type: str, log: Callable[[str], None] = lambda s: None) -> Path:
@@ -94,6 +101,8 @@ def cached_gguf(run_dir: PathLike, gguf_type: str, log: Callable[[str], None] = 
         raise InteropError(f"RUN: {str(run_dir)!r} is not a run folder (no config.json)")
     key = export_key(run_dir)
     path = run_dir / CACHE_DIR / f"model-{gguf_type}-{key}.gguf"
+    if path.is_symlink():              # a planted link would have llama.cpp read outside the run
+        path.unlink()
     if path.is_file():
         return path
     log(f"exporting {run_dir} to {path} (once; cached while the weights stay the same)")

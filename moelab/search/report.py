@@ -5,7 +5,6 @@ folder."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -100,13 +99,21 @@ def _load_average() -> Optional[list[float]]:
 
 
 def _machine(out_dir: Path, rows: list[dict]) -> dict:
+    from moelab.fileio import JSONFileError, read_json_object
+    root = out_dir.resolve()
     for r in rows:
         for d in r["run_dirs"]:
-            meta = Path(d) / "run_meta.json"
-            if meta.is_file():
-                m = json.loads(meta.read_text(encoding="utf-8"))
+            # run folders come from the shared study (any worker, any machine): only this search
+            # folder's own runs are read
+            meta = (Path(d) / "run_meta.json").resolve()
+            if root not in meta.parents or not meta.is_file():
+                continue
+            try:
+                m = read_json_object(meta)
                 return {"machine": m["machine"], "processor": m.get("processor", ""), "device": m["device"],
                         "torch": m["torch"]}
+            except (OSError, JSONFileError, KeyError):
+                continue
     import torch
     return {"machine": platform.platform(), "processor": platform.processor(), "device": "cpu",
             "torch": torch.__version__}

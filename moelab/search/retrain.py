@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from moelab.config import Config
+from moelab.fileio import write_text_atomic
 from moelab.search.candidate import Candidate, counts, describe_row, fixed_patterns, size
 
 RETRAIN_DIR = "retrain"
@@ -86,7 +87,7 @@ def retrain(out_dir: Path, base: Config, best_arch: dict, target: int, budget_te
         (folder / "models").mkdir(parents=True, exist_ok=True)
         specs = []
         for name, text in files.items():
-            (folder / "models" / f"{name}.toml").write_text(text, encoding="utf-8")
+            write_text_atomic(folder / "models" / f"{name}.toml", text)     # a link there is replaced
             specs.append(str(folder / "models" / f"{name}.toml"))
         # compare takes a list of two or more seeds, or a count from train.seed
         seeds_text, overrides = (",".join(map(str, seeds)), nones) if len(seeds) >= 2 else \

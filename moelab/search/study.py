@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from moelab.config import ConfigError
+from moelab.fileio import JSONFileError, read_json_object
 
 SETTINGS_FILE = "search.json"
 SETTINGS_VERSION = 1
@@ -54,7 +55,10 @@ def load_settings(out_dir: Path) -> dict:
     path = out_dir / SETTINGS_FILE
     if not path.is_file():
         raise ConfigError(f"--resume {str(out_dir)!r}: not a search folder (no {SETTINGS_FILE})")
-    settings = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        settings = read_json_object(path)
+    except JSONFileError as e:
+        raise ConfigError(f"--resume {str(out_dir)!r}: {e}") from None
     if settings.get("version") != SETTINGS_VERSION:
         raise ConfigError(f"--resume {str(out_dir)!r}: written by another moelab search version "
                           f"({settings.get('version')}); start a new search")

@@ -9,13 +9,14 @@ stopped at is the last one it logged.
 
 The process runs in its own session (a Ctrl-C on the terminal reaches the search alone, which
 passes one SIGTERM on, as `moelab compare` does) and, on Linux, asks the kernel to send it SIGTERM
-if the search process dies (``moelab.proc.die_with_parent``: ``PR_SET_PDEATHSIG``), so a killed search leaves no training behind:
-the run checkpoints and ``moelab search --resume`` continues it.
+if the search process dies (``moelab.proc.die_with_parent``: ``PR_SET_PDEATHSIG``), so a killed
+search leaves no training behind: the run checkpoints and ``moelab search --resume`` continues it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def train_and_follow(unit: dict, log_path: Path, on_eval: Callable[[dict], bool]
     only read it back when it finished earlier. ``on_eval(record)`` is called once per new eval
     record; when it returns True the run is sent SIGTERM and the outcome is "pruned"."""
     from moelab.compare.run import UnitState, train_command, unit_state
+    from moelab.fileio import open_no_follow
     from moelab.proc import die_with_parent
     from moelab.stop import EXIT_STOPPED
     run_dir = Path(unit["run_dir"])
@@ -157,7 +159,9 @@ def train_and_follow(unit: dict, log_path: Path, on_eval: Callable[[dict], bool]
     args = train_command(unit, run_dir, state, show_progress=False)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pruned = False
-    with open(log_path, "a", encoding="utf-8") as out:
+    # appended in place: a link there would lead the log out of the search folder
+    fd = open_no_follow(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with open(fd, "a", encoding="utf-8") as out:
         out.write(f"$ moelab {' '.join(args)}\n")
         out.flush()
         proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], stdout=out, stderr=subprocess.STDOUT,

@@ -223,10 +223,14 @@ def open_trackers(names, run_dir: Path, config: dict, run_name: Optional[str]) -
         ids = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):
         ids = {}
+    if not isinstance(ids, dict):                   # a damaged file: start new tracker runs
+        ids = {}
     opened = []
     try:
         for name in names:
-            own = ids.setdefault(name, {})
+            if not isinstance(ids.get(name), dict):
+                ids[name] = {}
+            own = ids[name]
             opened.append(TRACKERS[name](run_dir, config, run_name or run_dir.resolve().name, own))
     except BaseException:
         for tracker in opened:                 # no half-open set: close what did start

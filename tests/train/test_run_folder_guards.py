@@ -55,6 +55,8 @@ def test_overwrite_replaces_an_imported_model_and_its_checkpoints(tmp_path, caps
           show_progress=False, log=_quiet)
     assert [p.name for p in checkpoint_dirs(old)] == ["ckpt-00000001", "ckpt-00000002"]
     (old / "notes.txt").write_text("mine\n")                     # not a run file: kept
+    # the old run's tracker ids: a new run must not log into the old run's wandb / MLflow run
+    (old / "trackers.json").write_text('{"wandb": {"id": "old-run"}}\n')
     before = (old / "model.safetensors").read_bytes()
     args = ["train", "--preset", "moe", "--out", str(old), "--no-progress",
             *_args("train.max_steps=1", "train.save_every=1", "train.seed=7")]
@@ -67,6 +69,7 @@ def test_overwrite_replaces_an_imported_model_and_its_checkpoints(tmp_path, caps
     assert [p.name for p in checkpoint_dirs(old)] == ["ckpt-00000001"]   # the old run's are gone
     assert [s for s, _ in _losses(old)] == [1]
     assert (old / "notes.txt").read_text() == "mine\n"
+    assert not (old / "trackers.json").exists()
     assert (old / "model.safetensors").read_bytes() != before
 
 
