@@ -17,6 +17,7 @@ from moelab.compare.analysis import SPIKE_RATIO, SPIKE_WINDOW, ModelSummary, com
 from moelab.compare.findings import all_findings, budget_words, scaling_section
 from moelab.compare.claim import default_study, measures_table, study_answer
 from moelab.compare.plan import unit_dir, write_json
+from moelab.fileio import write_text_atomic
 from moelab.runfolder import RUN_META_FILE
 
 
@@ -157,8 +158,7 @@ def build_report(plan: dict, out_dir: Path) -> tuple[list[ModelSummary], dict, d
         payload["inspect"] = routing
     write_json(out_dir / "results.json", payload)
     verdicts = {c.model: c for c in comps if c.budget == study.headline and c.measure == "val_loss"}
-    (out_dir / "report.md").write_text(_markdown(rows, verdicts, payload, measures_table(spec, study)),
-                                       encoding="utf-8")
+    write_text_atomic(out_dir / "report.md", _markdown(rows, verdicts, payload, measures_table(spec, study)))
     return rows, payload, verdicts
 
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from moelab.compare import stats
+from moelab.fileio import write_text_atomic
 from moelab.compare.analysis import Study, read_study
 from moelab.compare.answer import (
     Expectation, claim_line, evaluate, judge_measure, judged_line, overall, run_values,
@@ -118,7 +119,7 @@ def build_study_report(plans: dict, out_dir: Path) -> dict:
         "command": first["command"], "figures": [p.name for p in figures],
     }
     write_json(out_dir / "results.json", payload)
-    (out_dir / "report.md").write_text(_markdown(payload, spec, studies, plans), encoding="utf-8")
+    write_text_atomic(out_dir / "report.md", _markdown(payload, spec, studies, plans))
     return payload
 
 
