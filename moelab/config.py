@@ -121,7 +121,7 @@ class MoEConfig:
     router: RouterKind = "softmax"
     # hash router: "balanced" assigns token ids to experts greedily by their frequency in the training
     # tokens so that loads are equal there (fitted once when training starts, saved with the
-    # weights); "random" is a fixed random function of the token id drawn at initialisation.
+    # weights); "random" is a fixed random function of the token id (its own seed, the same in every run).
     hash: HashKind = "balanced"
     sinkhorn_iters: int = 3           # sinkhorn router: Sinkhorn iterations balancing the training assignment
     # reinforce router: weight of the policy-gradient loss (at 0.1 the router's gradient norm at

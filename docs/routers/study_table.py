@@ -7,7 +7,8 @@ ratio to the reference's (mean of the per-seed ratios: each seed's units ran bac
 from each run's metrics.jsonl, the routing it ended with (last 50 logged steps, all MoE layers):
 active experts per token and the share of tokens with none (variable routers), load CV.
 Each MODEL_A:MODEL_B pair is judged by compare's own rule on the per-seed gaps A - B (the same
-seeds, so the same initial-weight seeds and batch order).
+seeds, so the same initial-weight seeds and batch order). Last, the paired gap to the reference
+at a quarter, half, three quarters and all of the budget (from the runs' evaluations).
 """
 
 from __future__ import annotations
@@ -69,5 +70,36 @@ def main(folder: str, pairs: list[str]) -> None:
             print(f"| {a} vs {b} | {v.gap:+.4f} | ±{v.threshold:.4f} | A {v.verdict} |")
 
 
+def eval_curve(run: Path) -> dict[int, float]:
+    """Validation loss by tokens seen, from the run's evaluations."""
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["tokens"]: r["val_loss"] for r in recs if r["kind"] == "eval"}
+
+
+def convergence(folder: str, fractions=(0.25, 0.5, 0.75, 1.0)) -> None:
+    """Paired gap to the reference at fractions of the budget (the evaluation nearest each): how
+    fast each model gets where it gets, the convergence-speed claims (expert choice)."""
+    from moelab.compare.stats import judge
+    root = Path(folder)
+    res = json.loads((root / "results.json").read_text())
+    ref = res["reference"]
+    models = {m["name"]: m for m in res["models"]}
+    curves = {name: [eval_curve(root / "runs" / Path(d).name) for d in m["run_dirs"]] for name, m in models.items()}
+    steps = sorted(set.intersection(*(set(c) for cs in curves.values() for c in cs)))
+    picks = [min(steps, key=lambda t: abs(t - f * steps[-1])) for f in fractions]
+    print()
+    print("| model | " + " | ".join(f"gap at {t:,} tokens" for t in picks) + " |")
+    print("|---|" + "---|" * len(picks))
+    for name in models:
+        if name == ref:
+            continue
+        cells = []
+        for t in picks:
+            v = judge([a[t] - b[t] for a, b in zip(curves[name], curves[ref])], "seeds")
+            cells.append(f"{v.gap:+.3f} (±{v.threshold:.3f}) {v.verdict}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    convergence(sys.argv[1])

@@ -24,8 +24,8 @@ import torch
 
 from moelab.accounting import describe
 from moelab.config import Config, ConfigError
-from moelab.model.moe.hash_table import fit_hash_routers
 from moelab.lock import FolderLock, FolderLockedError
+from moelab.model.moe.hash_table import fit_hash_routers
 from moelab.model.moe.layer import load_cv, max_over_mean
 from moelab.model.transformer import ModelOutput, Transformer
 from moelab.parallel.layout import device_for, layout_from_env
