@@ -119,7 +119,7 @@ def upcycle_study(out: Path, size: dict) -> dict:
     plan = json.loads((cmp / "compare.json").read_text())
     rows: dict[str, dict[int, dict]] = {}
     for unit in plan["units"]:
-        run = Path(unit["run_dir"])
+        run = cmp / unit["run_dir"]             # relative to the compare folder (absolute before)
         s = read_summary(run)
         rows.setdefault(unit["model"], {})[unit["seed"]] = {
             "val_loss": s["val_loss"], "tokens": s["tokens"], "train_time_s": s["train_time_s"],

@@ -5,7 +5,11 @@ previous one, intact, since every save is atomic.
 
 Under torchrun a Ctrl-C reaches every process twice: once from the terminal and once forwarded by
 torchrun itself. A repeat of the same signal within :data:`REPEAT_WINDOW_S` is therefore taken
-as the same request there.
+as the same request there. A SIGTERM repeated within that window is always the same request: a
+child started with :func:`moelab.proc.die_with_parent` gets its death signal once for every thread
+of a multi-threaded parent as they exit (the kernel re-parents it to each surviving thread in
+turn), so a killed ``moelab compare`` sends its trainer several SIGTERMs at the same instant, and a
+scheduler's "exit now" is SIGKILL after a grace period, not a second SIGTERM.
 
 While installed, SIGXFSZ is ignored, so that writing past a file-size limit fails with an OSError
 the checkpoint code can report (instead of killing the process).
@@ -42,8 +46,9 @@ class GracefulStop:
             self.log(f"{self.signal_name}: stopping after this step and saving a checkpoint "
                      "(send it again to exit at once)")
             return
-        if self.under_launcher and signum == self._signum and now - self._first_at < REPEAT_WINDOW_S:
-            return                                     # the launcher forwarding the same request
+        if signum == self._signum and now - self._first_at < REPEAT_WINDOW_S and \
+                (self.under_launcher or signum == signal.SIGTERM):
+            return                # the launcher forwarding it, or a dying parent's threads repeating it
         self.restore()
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)                    # a second request: exit at once

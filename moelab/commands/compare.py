@@ -151,18 +151,40 @@ def _plan_options_given(args) -> list[str]:
 
 
 def _unit_config(unit: dict):
-    """A unit's Config from its stored `moelab train` arguments (--preset/--config, --set ...)."""
+    """A unit's Config from its stored `moelab train` arguments (--preset/--config, or
+    --init-from RUN whose config it continues, then --set ...); None for a unit that starts from a
+    folder the compare has not written yet (an upcycled arm: the run it came from is checked)."""
     from moelab import resolve_config
-    args, spec, overrides = unit["train_args"], None, []
+    from moelab.config import Config
+    from moelab.runfolder import read_config
+    args, spec, init_from, overrides = unit["train_args"], None, None, []
     for flag, value in zip(args[::2], args[1::2]):
         if flag in ("--preset", "--config"):
             spec = value
+        elif flag == "--init-from":
+            init_from = value
         elif flag == "--set":
             overrides.append(value)
-    return resolve_config(spec, overrides)
+    if spec is not None:
+        return resolve_config(spec, overrides)
+    if init_from is not None:
+        if not Path(init_from).exists():
+            return None
+        return read_config(init_from).with_overrides([o for o in overrides if not o.startswith("model.")])
+    return Config().with_overrides(overrides)
 
 
-def _check_measurable(plan: dict) -> None:
+def _not_built_yet(cfg, out_dir: Path) -> bool:
+    """A corpus or tokenizer the compare builds itself inside its folder (a study's two-domain
+    corpus) before its first unit trains: checked on a --resume, once it exists."""
+    inside = out_dir.resolve()
+    for value in (cfg.data.corpus, cfg.data.tokenizer):
+        if value and value != "stdlib" and not Path(value).exists() and inside in Path(value).resolve().parents:
+            return True
+    return False
+
+
+def _check_measurable(plan: dict, out_dir: Path) -> None:
     """Every unit's validation split must hold the windows compare scores after training (the
     trainer checks its own, but not the inference prompts), so a too-short split is refused
     before hours of training rather than in scoring, on every --resume again."""
@@ -171,6 +193,8 @@ def _check_measurable(plan: dict) -> None:
     seen = set()
     for unit in plan["units"]:
         cfg = _unit_config(unit)
+        if cfg is None or _not_built_yet(cfg, out_dir):
+            continue
         key = (repr(cfg.data), cfg.model.vocab_size, cfg.model.max_seq_len, cfg.train.seq_len)
         if key in seen:
             continue
@@ -228,7 +252,8 @@ def run(args) -> int:
                      + " ".join(shlex.quote(a) for a in unit["train_args"]))
     if args.dry_run:
         return 0
-    _check_measurable(plan)                 # before any unit trains (and on every --resume)
+    for plan in plans.values():             # before any unit trains (and on every --resume)
+        _check_measurable(plan, out_dir)
     try:
         lock = FolderLock(out_dir, "compare").acquire()     # one compare writes a folder at a time
     except FolderLockedError as e:
