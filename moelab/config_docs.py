@@ -138,10 +138,10 @@ def allowed_range(key: str, hint: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _default_text(value: Any) -> str:
-    from moelab.config_files import _toml_value
+    from moelab.config_files import toml_value
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    return "none" if value is None else _toml_value(value)
+    return "none" if value is None else toml_value(value)
 
 
 def _cell(text: str) -> str:

@@ -119,7 +119,7 @@ def _toml(data: dict) -> str:
         scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
         if name:
             out.append(f"\n[{name}]")
-        out.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        out.extend(f"{k} = {toml_value(v)}" for k, v in scalars.items())
         for k, v in d.items():
             if isinstance(v, dict):
                 table(v, f"{name}.{k}" if name else k)
@@ -128,7 +128,8 @@ def _toml(data: dict) -> str:
     return "\n".join(out).lstrip("\n") + "\n"
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """One value as a TOML literal (also what ``--set key=<literal>`` parses); None as "none"."""
     if v is None:
         return '"none"'
     if isinstance(v, bool):
@@ -144,5 +145,5 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)           # TOML basic strings share JSON's escapes
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")

@@ -87,7 +87,7 @@ def size(base: Config, cand: Candidate, target_active: int) -> Config:
 
 def model_overrides(base: ModelConfig, sized: ModelConfig) -> list[str]:
     """``--set`` overrides that turn ``base`` into ``sized`` (model keys only)."""
-    from moelab.search.tomlfile import toml_value
+    from moelab.config_files import toml_value
     out = []
 
     def walk(a: dict, b: dict, prefix: str) -> None:

@@ -8,19 +8,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path)
-    _plt().close(fig)
-    return path
+from moelab.compare.plots import _plt, _save     # the one Agg set-up and save of compare's figures
 
 
 def patterns(rows: list[dict], n_layers: int, out_dir: Path) -> Path:

@@ -5,30 +5,9 @@ also its default, and otherwise returned as a ``key=none`` override to pass besi
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-from typing import Any
 
 from moelab.config import Config
-
-
-def toml_value(v: Any) -> str:
-    """One value as a TOML literal (also what ``--set key=<literal>`` parses)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)          # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(f"no TOML literal for {v!r}")
+from moelab.config_files import toml_value
 
 
 def _defaults(cls: type) -> dict:
