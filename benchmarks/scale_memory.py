@@ -310,6 +310,7 @@ def main(argv=None) -> int:
         folder_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         print(f"synthetic OLMoE folder: {folder_bytes / 1e9:.2f} GB ({time.time() - t0:.0f} s)", flush=True)
         load_start = os.getloadavg()
+        from moelab.decode_bench import cpu_name
         results = measure(folder, work, procs, args.max_bytes, args.timeout,
                           log=lambda m: print(m, flush=True))
         one = results.get("1", {}).get("load_step_peak_rss_bytes")
@@ -318,7 +319,7 @@ def main(argv=None) -> int:
         report = {
             "procs": results, "ratio_load_step_to_1_process": ratios, "folder_bytes": folder_bytes,
             "config": config, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_name(), "load_average_start": [round(x, 2) for x in load_start],
+            "cpu": cpu_name(), "load_average_start": [round(x, 2) for x in load_start],
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
@@ -329,16 +330,6 @@ def main(argv=None) -> int:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from moelab.decode_bench import cpu_name
 from moelab.search import plots
 from moelab.search.candidate import TOLERANCE
 from moelab.search.findings import all_findings, pareto_front
@@ -119,16 +120,6 @@ def _machine(out_dir: Path, rows: list[dict]) -> dict:
             "torch": torch.__version__}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def build(study, settings: dict, out_dir: Path, retrain: Optional[dict]) -> dict:
     """Write results.json, report.md and the figures; returns the results payload."""
     import optuna
@@ -162,7 +153,7 @@ def build(study, settings: dict, out_dir: Path, retrain: Optional[dict]) -> dict
                    "tokens_per_s": pareto_front(rows, "tokens_per_s", True)},
         "importances": importances(study),
         "retrain": retrain,
-        **_machine(out_dir, rows), "cpu": _cpu_model(), "python": platform.python_version(),
+        **_machine(out_dir, rows), "cpu": cpu_name(), "python": platform.python_version(),
         "optuna": optuna.__version__,
         "load_average_at_start": settings.get("load_average"), "load_average_at_report": _load_average(),
     }
