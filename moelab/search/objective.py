@@ -64,6 +64,12 @@ class TrialContext:
                 "train_args": self.base_args + sum((["--set", s] for s in sets), [])}
 
 
+def _stored(unit: dict) -> str:
+    """A trial's run folder as results keep it: relative to the search folder, so the folder can be
+    moved or read from another working directory (as compare.json stores its units)."""
+    return f"{TRIALS_DIR}/{unit['id']}"
+
+
 def arch_key(cand: Candidate) -> str:
     return json.dumps(cand.key())
 
@@ -161,7 +167,7 @@ def run_trial(ctx: TrialContext, study, trial) -> str:
             _drop_checkpoints(run_dir)
             trial.set_user_attr("result", {
                 "state": "pruned", "pruned_at_step": outcome.steps, "pruned_in_seed": ctx.seeds[i],
-                "tokens_per_s": _median_tps(run_dir), "run_dirs": [u["run_dir"] for u in units[:i + 1]],
+                "tokens_per_s": _median_tps(run_dir), "run_dirs": [_stored(u) for u in units[:i + 1]],
                 "val_curve": _curve(outcome.evals), "val_loss": None})
             study.tell(trial, state=TrialState.PRUNED)
             ctx.log(f"trial {trial.number}: pruned at step {outcome.steps} of {ctx.steps}"
@@ -175,7 +181,7 @@ def run_trial(ctx: TrialContext, study, trial) -> str:
         "state": "complete", "val_loss": statistics.mean(losses), "val_loss_seeds": losses,
         "tokens_per_s": statistics.mean(tps), "train_time_s": statistics.mean(s["train_time_s"] for s in summaries),
         "tokens": summaries[0]["tokens"], "steps": summaries[0]["steps"],
-        "run_dirs": [u["run_dir"] for u in units], "val_curve": _curve(outcomes[0].evals),
+        "run_dirs": [_stored(u) for u in units], "val_curve": _curve(outcomes[0].evals),
     }
     value = result["val_loss"]
     if ctx.objective == "loss_at_time":

@@ -106,7 +106,7 @@ def _machine(out_dir: Path, rows: list[dict]) -> dict:
         for d in r["run_dirs"]:
             # run folders come from the shared study (any worker, any machine): only this search
             # folder's own runs are read
-            meta = (Path(d) / "run_meta.json").resolve()
+            meta = (out_dir / d / "run_meta.json").resolve()
             if root not in meta.parents or not meta.is_file():
                 continue
             try:

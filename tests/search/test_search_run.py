@@ -73,7 +73,9 @@ def test_three_trials_complete_within_two_percent_of_the_budget(search3):
         assert abs(r["active_params"] / target - 1) <= 0.02
         assert (r["val_loss"] is None) == (r["state"] == "pruned")
         assert len(r["experts_per_layer"]) == len(r["moe_layers"])
-        for run_dir in r["run_dirs"]:           # the trained model itself, read from its run folder
+        for rel in r["run_dirs"]:               # the trained model itself, read from its run folder
+            assert not Path(rel).is_absolute()  # stored relative to the search folder
+            run_dir = out / rel
             cfg = read_config(run_dir)
             assert abs(param_counts(cfg.model)["active"] / target - 1) <= 0.02
             assert cfg.model.moe_layer_indices() == r["moe_layers"]
@@ -182,7 +184,8 @@ def test_pruned_trials_appear_pruned_with_the_step_they_stopped_at(tmp_path):
     assert len(res["trials"]) == 2 and res["best"] is None
     for r in res["trials"]:
         assert r["state"] == "pruned" and r["val_loss"] is None
-        (run_dir,) = r["run_dirs"]
+        (rel,) = r["run_dirs"]
+        run_dir = out / rel
         logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         assert r["pruned_at_step"] == max(rec["step"] for rec in logged) == r["steps"]
         assert 0 < r["pruned_at_step"] < steps                     # stopped early, by SIGTERM
@@ -204,7 +207,8 @@ def test_loss_at_time_scores_each_trial_at_the_base_models_time(tmp_path):
     for r in res["trials"]:
         if r["duplicate_of"] is not None:
             continue
-        (run_dir,) = r["run_dirs"]
+        (rel,) = r["run_dirs"]
+        run_dir = out / rel
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
         evals = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         evals = [e for e in evals if e["kind"] == "eval"]
