@@ -9,22 +9,9 @@ from typing import Optional
 import numpy as np
 
 from moelab.compare.analysis import ModelSummary, Study, interpolate
+from moelab.figures import pyplot, save
 
 TIME_POINTS = 40
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path)
-    _plt().close(fig)
-    return path
 
 
 def _band(ax, xs, rows: list[list[float]], label: str, color=None, seeds: bool = True):
@@ -55,7 +42,7 @@ def _curve(m: ModelSummary, key: str) -> tuple[list[float], list[list[float]]]:
 
 
 def loss_curves(study: Study, out_dir: Path) -> list[Path]:
-    plt = _plt()
+    plt = pyplot()
     paths = []
     for key, label, name in (("tokens", "training tokens", "val_loss_vs_tokens.png"),
                              ("elapsed_s", "training wall-clock (s)", "val_loss_vs_time.png")):
@@ -68,7 +55,7 @@ def loss_curves(study: Study, out_dir: Path) -> list[Path]:
         ax.set_title(f"Validation loss vs {label.split(' (')[0]} ({study.headline} budget)")
         ax.grid(alpha=0.3)
         ax.legend()
-        paths.append(_save(fig, out_dir / name))
+        paths.append(save(fig, out_dir / name))
     return paths
 
 
@@ -100,7 +87,7 @@ def gap_curves(study: Study, out_dir: Path) -> list[Path]:
     others = [m for m in rows if m is not ref]
     if not others:
         return []
-    plt = _plt()
+    plt = pyplot()
     paths = []
     for key, label, name in (("tokens", "training tokens", "gap_vs_tokens.png"),
                              ("elapsed_s", "training wall-clock (s)", "gap_vs_time.png")):
@@ -115,14 +102,14 @@ def gap_curves(study: Study, out_dir: Path) -> list[Path]:
         ax.set_title(f"Loss gap to {ref.name} (below 0: ahead); band ± sd over {len(study.seeds)} seed(s)")
         ax.grid(alpha=0.3)
         ax.legend()
-        paths.append(_save(fig, out_dir / name))
+        paths.append(save(fig, out_dir / name))
     return paths
 
 
 def scaling_plots(scaling: dict, out_dir: Path) -> list[Path]:
     """Final validation loss per budget on log axes, against tokens and training FLOPs, with the
     fitted E + A * D^-alpha curves and the crossovers."""
-    plt = _plt()
+    plt = pyplot()
     budgets = np.array(scaling["budgets"], dtype=float)
     dense_grid = np.geomspace(budgets.min() / 1.5, budgets.max() * 1.5, 200)
     paths = []
@@ -156,7 +143,7 @@ def scaling_plots(scaling: dict, out_dir: Path) -> list[Path]:
         ax.set_title("Loss vs budget, with fits E + A·D^-alpha")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-        paths.append(_save(fig, out_dir / name))
+        paths.append(save(fig, out_dir / name))
     return paths
 
 
@@ -168,7 +155,7 @@ def _bars(ax, names, means, sds, offset=0.0, width=0.8, label=None):
 
 
 def throughput_memory(study: Study, out_dir: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     rows = study.at()
     names = [m.name for m in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=110)
@@ -188,14 +175,14 @@ def throughput_memory(study: Study, out_dir: Path) -> Path:
     b.legend()
     for ax in (a, b):
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out_dir / "throughput_memory.png")
+    return save(fig, out_dir / "throughput_memory.png")
 
 
 def inference(study: Study, out_dir: Path) -> Optional[Path]:
     rows = study.at()
     if all(m.mean("prefill_tokens_per_s") is None for m in rows):
         return None
-    plt = _plt()
+    plt = pyplot()
     names = [m.name for m in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.9), dpi=110)
     keys = (("prefill_tokens_per_s", "prefill (8 prompts)"), ("decode_tokens_per_s", "decode, batch 1"),
@@ -220,7 +207,7 @@ def inference(study: Study, out_dir: Path) -> Optional[Path]:
     b.legend(fontsize=8)
     for ax in (a, b):
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out_dir / "inference.png")
+    return save(fig, out_dir / "inference.png")
 
 
 def expert_load_heatmap(m: ModelSummary, out_dir: Path) -> Optional[Path]:
@@ -230,7 +217,7 @@ def expert_load_heatmap(m: ModelSummary, out_dir: Path) -> Optional[Path]:
     rows = [row for row in load if row]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     width = max(len(r) for r in rows)
     grid = [r + [float("nan")] * (width - len(r)) for r in rows]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * width + 2), 0.5 * len(rows) + 1.8), dpi=110)
@@ -240,7 +227,7 @@ def expert_load_heatmap(m: ModelSummary, out_dir: Path) -> Optional[Path]:
     ax.set_xlabel("expert")
     ax.set_title(f"{m.name}: share of tokens per expert (uniform = {1 / width:.3f})")
     fig.colorbar(im, ax=ax)
-    return _save(fig, out_dir / f"expert_load_{m.name}.png")
+    return save(fig, out_dir / f"expert_load_{m.name}.png")
 
 
 def measure_bars(measure: str, studies: dict, out_dir: Path) -> Path:
@@ -248,7 +235,7 @@ def measure_bars(measure: str, studies: dict, out_dir: Path) -> Path:
     per model, ± sd over seeds."""
     from moelab.compare import stats
     from moelab.compare.answer import describe_measure, run_values
-    plt = _plt()
+    plt = pyplot()
     variants = list(studies)
     models = []
     for s in studies.values():
@@ -281,4 +268,4 @@ def measure_bars(measure: str, studies: dict, out_dir: Path) -> Path:
                  + " (mean ± sd over seeds)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir / f"study_{measure.replace('@', '_at_')}.png")
+    return save(fig, out_dir / f"study_{measure.replace('@', '_at_')}.png")

@@ -9,24 +9,11 @@ from typing import Optional
 import numpy as np
 
 from moelab.inspect.trace import Trace, draw_trace
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path)
-    _plt().close(fig)
-    return path
+from moelab.figures import pyplot, save
 
 
 def _grid(n: int, size: float = 3.6):
-    plt = _plt()
+    plt = pyplot()
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 0.6, size * rows), dpi=110, squeeze=False)
@@ -44,7 +31,7 @@ def _integer_ticks(ax, x: bool = True, y: bool = True) -> None:
 
 
 def load_heatmap(result: dict, out_dir: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     layers = result["layers"]
     E = max(l["num_experts"] for l in layers)
     grid = np.full((len(layers), E), np.nan)
@@ -63,7 +50,7 @@ def load_heatmap(result: dict, out_dir: Path) -> Path:
     ax.set_yticks(range(len(layers)), [f"layer {l['layer']}" for l in layers])
     ax.set_title("Normalised load (load / ideal; 1 = balanced, 0 = dead)")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    return _save(fig, out_dir / "load_heatmap.png")
+    return save(fig, out_dir / "load_heatmap.png")
 
 
 def coactivation(result: dict, out_dir: Path) -> Path:
@@ -79,7 +66,7 @@ def coactivation(result: dict, out_dir: Path) -> Path:
         ax.set_ylabel("expert i")
         fig.colorbar(im, ax=ax, shrink=0.75, pad=0.08)
     fig.suptitle("Co-activation N(Ei, Ej) / N(Ei)  (OLMoE Eq. 6; diagonal blank)")
-    return _save(fig, out_dir / "coactivation.png")
+    return save(fig, out_dir / "coactivation.png")
 
 
 def transitions(result: dict, out_dir: Path) -> Optional[Path]:
@@ -97,7 +84,7 @@ def transitions(result: dict, out_dir: Path) -> Optional[Path]:
         ax.set_ylabel(f"expert in layer {l['layer']}")
         fig.colorbar(im, ax=ax, shrink=0.75, pad=0.08)
     fig.suptitle("P(j chosen in the next MoE layer | i chosen here); uniform = k/E")
-    return _save(fig, out_dir / "transitions.png")
+    return save(fig, out_dir / "transitions.png")
 
 
 def category_share(result: dict, out_dir: Path) -> Optional[Path]:
@@ -117,11 +104,11 @@ def category_share(result: dict, out_dir: Path) -> Optional[Path]:
         cb = fig.colorbar(im, ax=ax, shrink=0.75)
         cb.set_label("log2(share / (k/E))", fontsize=7)
     fig.suptitle("Category share vs the uniform rate k/E")
-    return _save(fig, out_dir / "category_share.png")
+    return save(fig, out_dir / "category_share.png")
 
 
 def specialization(result: dict, out_dir: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     layers = result["layers"]
     xs = np.arange(len(layers))
     labels = [f"L{l['layer']}" for l in layers]
@@ -146,14 +133,14 @@ def specialization(result: dict, out_dir: Path) -> Path:
         b.legend(fontsize=8)
     for ax in axes[0]:
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out_dir / "specialization.png")
+    return save(fig, out_dir / "specialization.png")
 
 
 def ablation(result: dict, out_dir: Path) -> Optional[Path]:
     layers = result["layers"]
     if result.get("ablation") is None:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for l in layers:
         pts = [(l["normalized_load"][e], d, e) for e, d in enumerate(l["ablation_delta_loss"]) if d is not None]
@@ -168,14 +155,14 @@ def ablation(result: dict, out_dir: Path) -> Optional[Path]:
     ax.set_title("Expert ablation: traffic vs damage (labels: specialists)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, out_dir / "ablation.png")
+    return save(fig, out_dir / "ablation.png")
 
 
 def saturation(result: dict, out_dir: Path) -> Optional[Path]:
     layers = result["layers"]
     if result.get("against") is None:
         return None
-    plt = _plt()
+    plt = pyplot()
     xs = np.arange(len(layers))
     fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=110)
     ax.bar(xs - 0.19, [l["saturation_top1"] for l in layers], 0.38, label="top-1")
@@ -185,7 +172,7 @@ def saturation(result: dict, out_dir: Path) -> Optional[Path]:
     ax.set_title("Router saturation vs --against (OLMoE 5.1)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out_dir / "saturation.png")
+    return save(fig, out_dir / "saturation.png")
 
 
 def draw_all(result: dict, out_dir: Path) -> list[Path]:

@@ -69,10 +69,10 @@ def trace_lines(trace: Trace):
 
 def draw_trace(trace: Trace, path: Path) -> Path:
     """Layers x tokens grid; a cell's colour is the first-choice expert and its text all k."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from moelab.figures import pyplot, save
+    plt = pyplot()
 
     T, L = len(trace.tokens), len(trace.layers)
     first = np.array([[per_token[t][0] for t in range(T)] for per_token in trace.experts])  # (L, T)
@@ -87,7 +87,4 @@ def draw_trace(trace: Trace, path: Path) -> Path:
     ax.set_xticks(range(T), [repr(s)[1:-1] or " " for s in trace.tokens], rotation=90, fontsize=7)
     ax.set_yticks(range(L), [f"layer {l}" for l in trace.layers])
     ax.set_title("Experts chosen per token (colour: first choice; text: all k)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -8,13 +8,13 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from moelab.compare.plots import _plt, _save     # the one Agg set-up and save of compare's figures
+from moelab.figures import pyplot, save
 
 
 def patterns(rows: list[dict], n_layers: int, out_dir: Path) -> Path:
     """One row per trial (complete ones by loss, then pruned ones by the step they reached), one
     cell per layer: blank for dense, shaded by log2(routed experts) for MoE, with the count."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib import colors
     ordered = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: r["val_loss"]) + \
         sorted((r for r in rows if r["state"] == "pruned"), key=lambda r: -(r["pruned_at_step"] or 0))
@@ -37,11 +37,11 @@ def patterns(rows: list[dict], n_layers: int, out_dir: Path) -> Path:
     ax.set_xticks(range(n_layers))
     ax.set_xlabel("layer (grey: dense FFN; number: routed experts)")
     ax.set_title("Trials by validation loss: where the MoE layers are")
-    return _save(fig, out_dir / "patterns.png")
+    return save(fig, out_dir / "patterns.png")
 
 
 def history(rows: list[dict], objective: str, out_dir: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: r["number"])
     pruned = [r for r in rows if r["state"] == "pruned" and r["val_curve"]]
@@ -58,12 +58,12 @@ def history(rows: list[dict], objective: str, out_dir: Path) -> Path:
     ax.set_ylabel("validation loss" + (" at the base model's time" if objective == "loss_at_time" else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir / "history.png")
+    return save(fig, out_dir / "history.png")
 
 
 def pareto(rows: list[dict], key: str, front: list[int], out_dir: Path) -> Path:
     """Validation loss against ``key`` (total_params: lower is better; tokens_per_s: higher)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=110)
     done = [r for r in rows if r["state"] == "complete"]
     dense = [r for r in done if not r["moe_layers"]]
@@ -84,11 +84,11 @@ def pareto(rows: list[dict], key: str, front: list[int], out_dir: Path) -> Path:
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir / f"pareto_{key}.png")
+    return save(fig, out_dir / f"pareto_{key}.png")
 
 
 def retrain(section: dict, out_dir: Path) -> Optional[Path]:
-    plt = _plt()
+    plt = pyplot()
     pats = section["patterns"]
     if not pats:
         return None
@@ -104,17 +104,17 @@ def retrain(section: dict, out_dir: Path) -> Optional[Path]:
     ax.set_ylabel("validation loss (mean ± sd; dots: seeds)")
     ax.set_title(f"Retrained at seeds {', '.join(map(str, section['seeds']))}, {section['budget']} tokens")
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, out_dir / "retrain.png")
+    return save(fig, out_dir / "retrain.png")
 
 
 def importances(section: dict, out_dir: Path) -> Optional[Path]:
     values = section.get("values") or {}
     if not values:
         return None
-    plt = _plt()
+    plt = pyplot()
     names = list(values)[::-1]
     fig, ax = plt.subplots(figsize=(5.6, 0.35 * len(names) + 1.4), dpi=110)
     ax.barh(names, [values[n] for n in names])
     ax.set_xlabel(f"importance ({section['evaluator']}, normalised)")
     ax.grid(alpha=0.3, axis="x")
-    return _save(fig, out_dir / "importances.png")
+    return save(fig, out_dir / "importances.png")
