@@ -27,7 +27,6 @@ nothing behind, and every refusal happens before the file is opened.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 except ImportError:  # pragma: no cover - a torch built without distributed
     DTensor = ()  # type: ignore[assignment]
 

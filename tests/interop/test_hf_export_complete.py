@@ -6,7 +6,6 @@ to the one the model maps to."""
 import json
 
 import pytest
-import torch
 
 import moelab
 from moelab.cli import main

@@ -18,7 +18,6 @@ import torch
 import moelab
 from moelab.cli import main
 from moelab.runfolder import checkpoint_dirs, load, load_metrics, load_tensors
-from moelab.stop import EXIT_STOPPED
 from moelab.train.trainer import train
 
 pytestmark = pytest.mark.slow      # every test starts torchrun

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from torch import nn
 import moelab
 from moelab.model.init_replay import ReplayError, build_recorded, record_build
 from moelab.model.transformer import Transformer
-from moelab.parallel.load import SafetensorsRows, allocate, load_rows, put, unfilled
+from moelab.parallel.load import SafetensorsRows, allocate, put, unfilled
 from moelab.parallel.runtime import SingleProcess
 from moelab.presets import preset_names
 from moelab.runfolder import load, save

@@ -3,13 +3,11 @@ full disk, time-based checkpoints."""
 
 from __future__ import annotations
 
-import json
 import resource
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

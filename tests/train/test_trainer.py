@@ -1,7 +1,6 @@
 """Training on real text: loss goes down, resume is exact, saves are atomic, errors are named."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import moelab
 from moelab.cli import main
@@ -177,8 +175,8 @@ def test_nonfinite_loss_is_caught_and_named(tmp_path):
     with pytest.raises(TrainingError, match=r"step 1.*blocks\.1\.attn"):
         train(_cfg("moe", "train.max_steps=2"), tmp_path / "ft", init_from=run, show_progress=False,
               log=lambda m: None)
-    summary = train(_cfg("moe", "train.max_steps=2", "train.skip_nonfinite=true"), tmp_path / "ft2",
-                    init_from=run, show_progress=False, log=lambda m: None)
+    train(_cfg("moe", "train.max_steps=2", "train.skip_nonfinite=true"), tmp_path / "ft2",
+          init_from=run, show_progress=False, log=lambda m: None)
     assert all(r.get("skipped") for r in load_metrics(tmp_path / "ft2") if r["kind"] == "train")
 
 
