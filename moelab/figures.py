@@ -1,7 +1,7 @@
 """One way to draw and save a figure: matplotlib's file-only Agg backend (no display on a server or
-in CI), and the file written like every other run file (a temporary beside it, renamed into place,
-a symlink at the name refused), so a killed report never leaves half a PNG and a planted link
-never redirects the write."""
+in CI), and the file written like every other run file (a temporary beside it, renamed into place),
+so a killed report never leaves half a PNG and a link planted at the name is replaced, never
+written through."""
 
 from __future__ import annotations
 

@@ -60,14 +60,14 @@ class TrialContext:
     def unit(self, number: int, seed: int, sized: Config) -> dict:
         uid = f"trial-{number:04d}-s{seed}"
         sets = model_overrides(self.base.model, sized.model) + self.train_overrides + [f"train.seed={seed}"]
-        return {"id": uid, "run_dir": str(self.out_dir / TRIALS_DIR / uid),
+        return {"id": uid, "run_dir": str(self.out_dir / trial_dir(uid)),
                 "train_args": self.base_args + sum((["--set", s] for s in sets), [])}
 
 
-def _stored(unit: dict) -> str:
-    """A trial's run folder as results keep it: relative to the search folder, so the folder can be
-    moved or read from another working directory (as compare.json stores its units)."""
-    return f"{TRIALS_DIR}/{unit['id']}"
+def trial_dir(uid: str) -> str:
+    """A trial's run folder relative to the search folder, as results keep it, so the folder can
+    be moved or read from another working directory (as compare.json stores its units)."""
+    return f"{TRIALS_DIR}/{uid}"
 
 
 def arch_key(cand: Candidate) -> str:
@@ -167,7 +167,7 @@ def run_trial(ctx: TrialContext, study, trial) -> str:
             _drop_checkpoints(run_dir)
             trial.set_user_attr("result", {
                 "state": "pruned", "pruned_at_step": outcome.steps, "pruned_in_seed": ctx.seeds[i],
-                "tokens_per_s": _median_tps(run_dir), "run_dirs": [_stored(u) for u in units[:i + 1]],
+                "tokens_per_s": _median_tps(run_dir), "run_dirs": [trial_dir(u["id"]) for u in units[:i + 1]],
                 "val_curve": _curve(outcome.evals), "val_loss": None})
             study.tell(trial, state=TrialState.PRUNED)
             ctx.log(f"trial {trial.number}: pruned at step {outcome.steps} of {ctx.steps}"
@@ -181,7 +181,7 @@ def run_trial(ctx: TrialContext, study, trial) -> str:
         "state": "complete", "val_loss": statistics.mean(losses), "val_loss_seeds": losses,
         "tokens_per_s": statistics.mean(tps), "train_time_s": statistics.mean(s["train_time_s"] for s in summaries),
         "tokens": summaries[0]["tokens"], "steps": summaries[0]["steps"],
-        "run_dirs": [_stored(u) for u in units], "val_curve": _curve(outcomes[0].evals),
+        "run_dirs": [trial_dir(u["id"]) for u in units], "val_curve": _curve(outcomes[0].evals),
     }
     value = result["val_loss"]
     if ctx.objective == "loss_at_time":
